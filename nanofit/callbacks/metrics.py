@@ -1,0 +1,186 @@
+"""Metrics per epoch phase (MetricsCB) and the per-batch training record for plots (Recorder)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..learner import Callback
+
+__all__ = ["MetricsCB", "Recorder"]
+
+
+def _to_python(value: Any) -> Any:
+    """A metric's result as plain Python: a float for one number, else a (nested) list."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    return value
+
+
+class MetricsCB(Callback):
+    """Computes metrics and the batch-size-weighted mean loss for every epoch phase.
+
+    Metrics are torchmetrics objects, or anything with `update(preds, targ)`, `compute()` and
+    `reset()`. After each phase a record `{'epoch', 'train': 'train'|'eval', 'loss', <name>...}`
+    is appended to `history`; the learner gets `learn.metrics = self`.
+
+    Per batch this only keeps references to the detached predictions, targets and loss: they are
+    concatenated and given to each metric's `update` once every `update_every` batches (or when
+    `max_buffered` prediction elements are held), because a metric call costs about as much as a
+    small model's whole step. Results are the same for metrics that accumulate over samples (all
+    torchmetrics metrics do); set `update_every=1` for a metric that must see single batches.
+
+    Example: `MetricsCB(accuracy=MulticlassAccuracy(num_classes=10))`
+    """
+
+    order = 50
+
+    def __init__(self, *ms: Any, update_every: int = 64, max_buffered: int = 2**24,
+                 **metrics: Any) -> None:
+        for m in ms:
+            metrics[type(m).__name__] = m
+        for name, m in metrics.items():
+            if isinstance(m, type):
+                raise TypeError(f"MetricsCB got the class {m.__name__} for {name!r}; "
+                                f"pass an instance, e.g. {m.__name__}(...)")
+            missing = [a for a in ("update", "compute", "reset") if not callable(getattr(m, a, None))]
+            if missing:
+                raise TypeError(f"MetricsCB: metric {name!r} ({type(m).__name__}) has no "
+                                f"{', '.join(missing)} method; use a torchmetrics metric or an "
+                                "object with update(preds, targ), compute() and reset()")
+        if "loss" in metrics or "epoch" in metrics or "train" in metrics:
+            raise ValueError("MetricsCB: 'loss', 'epoch' and 'train' are record keys; "
+                             "name the metric differently")
+        if update_every < 1:
+            raise ValueError(f"MetricsCB: update_every must be >= 1, got {update_every}")
+        self.metrics: dict[str, Any] = metrics
+        self.update_every = update_every
+        self.max_buffered = max_buffered
+        self.history: list[dict[str, Any]] = []
+        self._clear_buffers()
+        self._reset_totals()
+
+    def _clear_buffers(self) -> None:
+        self._preds: list[Any] = []
+        self._targs: list[Any] = []
+        self._losses: list[torch.Tensor] = []
+        self._ns: list[int] = []
+        self._buffered = 0
+
+    def _reset_totals(self) -> None:
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._count = 0
+
+    def before_fit(self, learn: Any) -> None:
+        learn.metrics = self
+
+    def before_epoch(self, learn: Any) -> None:
+        for m in self.metrics.values():
+            m.reset()
+        self._clear_buffers()
+        self._reset_totals()
+
+    def after_batch(self, learn: Any) -> None:
+        targ = learn.batch[learn.n_inp]
+        preds = learn.preds
+        if isinstance(preds, torch.Tensor):
+            preds = preds.detach()
+            self._buffered += preds.numel()
+        self._preds.append(preds)
+        self._targs.append(targ)
+        self._losses.append(learn.loss.detach())
+        self._ns.append(len(targ))
+        if len(self._ns) >= self.update_every or self._buffered >= self.max_buffered:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered batches to the metrics and the loss total."""
+        if not self._ns:
+            return
+        losses = torch.stack(self._losses).float()
+        weights = torch.tensor(self._ns, dtype=torch.float32).to(losses.device, non_blocking=True)
+        self._loss_sum = self._loss_sum + (losses * weights).sum()
+        self._count += sum(self._ns)
+        if self.metrics:
+            for preds, targ in self._joined():
+                for m in self.metrics.values():
+                    if isinstance(m, torch.nn.Module) and isinstance(preds, torch.Tensor):
+                        m.to(preds.device)
+                    m.update(preds, targ)
+        self._clear_buffers()
+
+    def _joined(self) -> list[tuple[Any, Any]]:
+        """One (preds, targ) pair for all buffered batches, or the single batches if they differ."""
+        ps, ts = self._preds, self._targs
+        tensors = all(isinstance(x, torch.Tensor) for x in ps + ts)
+        if len(ps) > 1 and tensors and len({p.shape[1:] for p in ps}) == 1 \
+                and len({t.shape[1:] for t in ts}) == 1:
+            return [(torch.cat(ps), torch.cat(ts))]
+        return list(zip(ps, ts))
+
+    def compute(self) -> dict[str, Any]:
+        """The current phase's loss and metrics as plain Python values (one host sync)."""
+        self.flush()
+        loss = self._loss_sum / self._count if self._count else float("nan")
+        values = {"loss": _to_python(loss)}
+        for name, m in self.metrics.items():
+            values[name] = _to_python(m.compute())
+        return values
+
+    def after_epoch(self, learn: Any) -> None:
+        record = {"epoch": learn.epoch, "train": "train" if learn.training else "eval"}
+        record.update(self.compute())
+        self.history.append(record)
+
+    def cleanup_epoch(self, learn: Any) -> None:
+        self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
+
+
+class Recorder(Callback):
+    """Records the loss and learning rate of every training batch, for `plot_loss`.
+
+    Losses stay on the device and are copied to the host a few hundred at a time.
+    """
+
+    order = 60  # after MetricsCB, so the validation loss of the phase is ready
+
+    def __init__(self, sync_every: int = 256) -> None:
+        self.sync_every = sync_every
+        self.losses: list[float] = []
+        self.lrs: list[float] = []
+        self.valid_losses: list[tuple[int, float]] = []
+        self._pending: list[torch.Tensor] = []
+
+    def before_fit(self, learn: Any) -> None:
+        learn.recorder = self
+        self.losses, self.lrs, self.valid_losses, self._pending = [], [], [], []
+
+    def after_batch(self, learn: Any) -> None:
+        if not learn.training:
+            return
+        self._pending.append(learn.loss.detach())
+        opt = learn.opt
+        self.lrs.append(opt.param_groups[-1]["lr"] if opt is not None else float("nan"))
+        if len(self._pending) >= self.sync_every:
+            self._sync()
+
+    def _sync(self) -> None:
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+            self._pending = []
+
+    def after_epoch(self, learn: Any) -> None:
+        self._sync()
+        metrics = getattr(learn, "metrics", None)
+        if not learn.training and metrics is not None and metrics.history:
+            self.valid_losses.append((len(self.losses), metrics.history[-1]["loss"]))
+
+    def cleanup_fit(self, learn: Any) -> None:
+        self._sync()
+
+    def plot_loss(self, path: str | None = None, smooth: float | None = None):
+        """Training loss per batch (raw and smoothed) and validation loss per epoch; a Figure."""
+        from ..plots import plot_loss
+
+        self._sync()
+        return plot_loss(self.losses, self.valid_losses, smooth=smooth, path=path)

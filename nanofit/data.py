@@ -1,0 +1,134 @@
+"""Data: DataLoaders (a train/valid pair), TensorLoader for in-memory tensors, collate helpers."""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+__all__ = ["DataLoaders", "TensorLoader", "collate_dict"]
+
+
+class TensorLoader:
+    """Batches in-memory tensors by indexing them whole, with no per-item `__getitem__`/collate.
+
+    `tensors` is one tensor or a tuple of tensors with the same first dimension; each batch is
+    a tuple with one slice of each. With `shuffle=True` every pass draws a new order from
+    `generator` (or torch's global RNG) and gathers each batch with one `index_select` per
+    tensor; without shuffling, batches are views into the tensors: do not modify them in place.
+    The tensors may live on the GPU; batches are then made there.
+
+    Example: `TensorLoader((x, y), batch_size=64, shuffle=True)`
+    """
+
+    def __init__(self, tensors: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 64,
+                 shuffle: bool = False, drop_last: bool = False,
+                 generator: torch.Generator | None = None) -> None:
+        if isinstance(tensors, torch.Tensor):
+            tensors = (tensors,)
+        tensors = tuple(tensors)
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError("TensorLoader needs a tensor or a tuple of tensors, got "
+                            f"{[type(t).__name__ for t in tensors]}")
+        lengths = [len(t) for t in tensors]
+        if len(set(lengths)) != 1:
+            raise ValueError(f"TensorLoader: tensors must have the same length (first dimension), "
+                             f"got shapes {[tuple(t.shape) for t in tensors]}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"TensorLoader: batch_size must be an int >= 1, got {batch_size!r}")
+        self.tensors = tensors
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = generator
+        self.n = lengths[0]
+        self.perm: torch.Tensor | None = None  # the order of the current pass, when shuffling
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        bs, ts, n_batches = self.batch_size, self.tensors, len(self)
+        if not self.shuffle:
+            for i in range(0, n_batches * bs, bs):
+                yield tuple(t[i: i + bs] for t in ts)
+            return
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        perm = self.perm.to(ts[0].device)
+        for i in range(0, n_batches * bs, bs):
+            idx = perm[i: i + bs]
+            yield tuple(t.index_select(0, idx) for t in ts)
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(str(tuple(t.shape)) for t in self.tensors)
+        return (f"TensorLoader(({shapes}), batch_size={self.batch_size}, "
+                f"shuffle={self.shuffle}, drop_last={self.drop_last})")
+
+
+def collate_dict(batch: list[dict[str, Any]]) -> tuple[Any, ...]:
+    """Collate a list of dict items (e.g. Hugging Face rows) into a tuple, one entry per key."""
+    return tuple(default_collate(batch).values())
+
+
+class DataLoaders:
+    """A training and a validation loader: `dls.train`, `dls.valid`."""
+
+    def __init__(self, train: Any, valid: Any = None) -> None:
+        self.train = train
+        self.valid = valid
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.train, self.valid))
+
+    def __repr__(self) -> str:
+        return f"DataLoaders(train={self.train!r}, valid={self.valid!r})"
+
+    @classmethod
+    def from_tensors(cls, train: Sequence[torch.Tensor], valid: Sequence[torch.Tensor] | None = None,
+                     batch_size: int = 64, shuffle: bool = True, drop_last: bool = False,
+                     generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> "DataLoaders":
+        """TensorLoaders over `(x, y)` tuples of tensors: training shuffled, validation in order.
+
+        `device` moves the tensors there once, so batches need no copy each step.
+        Example: `DataLoaders.from_tensors((x_train, y_train), (x_valid, y_valid), batch_size=64)`
+        """
+        def prepare(ts: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+            ts = (ts,) if isinstance(ts, torch.Tensor) else tuple(ts)
+            return tuple(t.to(device) for t in ts) if device is not None else ts
+
+        train_dl = TensorLoader(prepare(train), batch_size, shuffle=shuffle, drop_last=drop_last,
+                                generator=generator)
+        valid_dl = None
+        if valid is not None:
+            valid_dl = TensorLoader(prepare(valid), batch_size * 2, shuffle=False)
+        return cls(train_dl, valid_dl)
+
+    @classmethod
+    def from_dd(cls, dataset_dict: Any, batch_size: int, shuffle: bool = True,
+                as_tuple: bool = True, **kwargs: Any) -> "DataLoaders":
+        """torch DataLoaders over a Hugging Face `DatasetDict`: its 'train' split (shuffled) and
+        its 'validation', 'valid' or 'test' split (in order).
+
+        Rows are collated into tuples in column order (`as_tuple=False` keeps dicts). Format
+        the dataset as torch first (`dd.with_format('torch')`) or add a transform giving
+        tensors. `kwargs` go to `torch.utils.data.DataLoader` (e.g. `num_workers`).
+        Example: `DataLoaders.from_dd(dd.with_format('torch'), batch_size=64)`
+        """
+        names = list(dataset_dict.keys())
+        train_name = "train" if "train" in names else names[0] if names else None
+        valid_name = next((n for n in ("validation", "valid", "test") if n in names), None)
+        if valid_name is None and len(names) > 1:
+            valid_name = next(n for n in names if n != train_name)
+        if train_name is None or valid_name is None:
+            raise ValueError(f"from_dd needs a 'train' and a 'validation' (or 'valid'/'test') "
+                             f"split, got splits {names}")
+        kwargs.setdefault("collate_fn", collate_dict if as_tuple else default_collate)
+        train = DataLoader(dataset_dict[train_name], batch_size=batch_size, shuffle=shuffle,
+                           **kwargs)
+        valid = DataLoader(dataset_dict[valid_name], batch_size=batch_size, shuffle=False,
+                           **kwargs)
+        return cls(train, valid)
