@@ -17,6 +17,12 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} ({x.dtype})"
+    return f"type {type(x).__name__}"
+
+
 class MetricsCB(Callback):
     """Computes metrics and the batch-size-weighted mean loss for every epoch phase.
 
@@ -57,6 +63,7 @@ class MetricsCB(Callback):
         self.update_every = update_every
         self.max_buffered = max_buffered
         self.history: list[dict[str, Any]] = []
+        self._checked = False
         self._clear_buffers()
         self._reset_totals()
 
@@ -73,6 +80,7 @@ class MetricsCB(Callback):
 
     def before_fit(self, learn: Any) -> None:
         learn.metrics = self
+        self._checked = False
 
     def before_epoch(self, learn: Any) -> None:
         for m in self.metrics.values():
@@ -90,8 +98,10 @@ class MetricsCB(Callback):
         self._targs.append(targ)
         self._losses.append(learn.loss.detach())
         self._ns.append(len(targ))
-        if len(self._ns) >= self.update_every or self._buffered >= self.max_buffered:
+        if (len(self._ns) >= self.update_every or self._buffered >= self.max_buffered
+                or not self._checked):  # the first batch goes through at once: errors show early
             self.flush()
+            self._checked = True
 
     def flush(self) -> None:
         """Hand the buffered batches to the metrics and the loss total."""
@@ -103,10 +113,15 @@ class MetricsCB(Callback):
         self._count += sum(self._ns)
         if self.metrics:
             for preds, targ in self._joined():
-                for m in self.metrics.values():
+                for name, m in self.metrics.items():
                     if isinstance(m, torch.nn.Module) and isinstance(preds, torch.Tensor):
                         m.to(preds.device)
-                    m.update(preds, targ)
+                    try:
+                        m.update(preds, targ)
+                    except Exception as e:
+                        e.add_note(f"metric {name!r} ({type(m).__name__}) got preds of "
+                                   f"{_shape(preds)} and targets of {_shape(targ)}")
+                        raise
         self._clear_buffers()
 
     def _joined(self) -> list[tuple[Any, Any]]:

@@ -1,0 +1,102 @@
+"""How much does the Learner cost over a hand-written loop? (a benchmark, not a test)
+
+Times, in one run and interleaved, a raw PyTorch loop and a `Learner` with DeviceCB,
+MetricsCB(accuracy) and ProgressCB on a tiny MLP (32->64->10, 20,000 training and 5,000
+validation samples, batch 64, SGD) over the same in-memory batches. Both compute the same
+numbers (loss and accuracy of each phase, accumulated on the device, read once per phase), so
+only the framework differs. Prints microseconds per batch, medians over repeats, and the ratio.
+
+    python bench/overhead.py [--repeats 9] [--epochs 1]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from nanofit import DataLoaders, DeviceCB, Learner, MetricsCB, ProgressCB
+
+
+def make_batches(n: int, bs: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x = torch.randn(n, 32, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
+    return [(x[i: i + bs], y[i: i + bs]) for i in range(0, n, bs)]
+
+
+def make_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def raw_fit(model, opt, train, valid, epochs: int, out: io.StringIO) -> None:
+    """The hand-written loop a careful user would write: same metrics, same device accumulation."""
+    for epoch in range(epochs):
+        for training, batches in ((True, train), (False, valid)):
+            model.train(training)
+            loss_sum, correct, count = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+            with torch.set_grad_enabled(training):
+                for xb, yb in batches:
+                    preds = model(xb)
+                    loss = F.cross_entropy(preds, yb)
+                    if training:
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+                    n = len(yb)
+                    loss_sum += loss.detach() * n
+                    correct += (preds.detach().argmax(1) == yb).sum()
+                    count += n
+            print(epoch, "train" if training else "eval", (loss_sum / count).item(),
+                  (correct / count).item(), file=out)
+
+
+def nanofit_fit(learn: Learner, epochs: int) -> None:
+    learn.fit(epochs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+
+    gen = torch.Generator().manual_seed(0)
+    train, valid = make_batches(20_000, 64, gen), make_batches(5_000, 64, gen)
+    n_batches = (len(train) + len(valid)) * args.epochs
+
+    raw_model = make_model(1)
+    raw_opt = torch.optim.SGD(raw_model.parameters(), lr=0.1)
+    sink = io.StringIO()  # not a terminal: ProgressCB prints one line per epoch, as in CI logs
+    learn = Learner(make_model(1), DataLoaders(train, valid), F.cross_entropy, lr=0.1,
+                    cbs=[DeviceCB("cpu"), MetricsCB(accuracy=MulticlassAccuracy(10, average="micro")),
+                         ProgressCB(file=sink)])
+
+    runs = {"raw loop": lambda: raw_fit(raw_model, raw_opt, train, valid, args.epochs, sink),
+            "nanofit": lambda: nanofit_fit(learn, args.epochs)}
+    for run in runs.values():  # warm-up: allocator, first-call costs
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():  # interleaved, so drifts in machine speed hit both
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) / n_batches * 1e6)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
+          f"{n_batches} batches per run (train + valid)")
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, ts in times.items():
+        print(f"{name:>9}: median {med[name]:7.1f} us/batch  (min {min(ts):.1f}, max {max(ts):.1f})")
+    print(f"ratio nanofit / raw loop: {med['nanofit'] / med['raw loop']:.3f}")
+    pairwise = [n / r for n, r in zip(times["nanofit"], times["raw loop"])]
+    print(f"median of per-repeat ratios: {statistics.median(pairwise):.3f}")
+
+
+if __name__ == "__main__":
+    main()

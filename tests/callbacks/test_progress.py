@@ -1,0 +1,62 @@
+"""ProgressCB: clean lines when not a terminal, bars in a terminal, the loss plot."""
+import io
+
+import pytest
+import torch.nn.functional as F
+
+from nanofit import Learner, MetricsCB, ProgressCB, Recorder
+from tests.helpers import make_dls, make_model
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_not_a_terminal_prints_one_clean_line_per_epoch():
+    out = io.StringIO()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(), ProgressCB(file=out)])
+    learn.fit(3)
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert len(lines) == 4  # header + one row per epoch
+    assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "time"]
+    history = learn.metrics.history
+    for epoch, line in enumerate(lines[1:]):
+        cells = line.split()
+        assert cells[0] == str(epoch)
+        assert float(cells[1]) == pytest.approx(history[2 * epoch]["loss"], abs=1e-4)
+        assert float(cells[2]) == pytest.approx(history[2 * epoch + 1]["loss"], abs=1e-4)
+
+
+def test_rows_with_training_only():
+    out = io.StringIO()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(), ProgressCB(file=out)])
+    learn.fit(2, valid=False)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["epoch", "train_loss", "time"] and len(lines) == 3
+
+
+def test_terminal_shows_bars_updated_in_place():
+    out = FakeTerminal()
+    cb = ProgressCB(file=out)
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(), cb])
+    learn.fit(2)
+    text = out.getvalue()
+    assert "\r" in text and "epochs" in text and "train" in text
+    assert "epoch" in text and "valid_loss" in text
+    assert cb._bar is None and cb._epoch_bar is None  # closed in cleanup
+
+
+def test_plot_needs_a_recorder_and_writes_a_png(tmp_path):
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MetricsCB(), ProgressCB(plot=True, file=io.StringIO())])
+    with pytest.raises(ValueError, match=r"add Recorder\(\) to cbs"):
+        learn.fit(1)
+    path = tmp_path / "live.png"
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MetricsCB(), Recorder(), ProgressCB(plot=True, plot_path=str(path),
+                                                             file=io.StringIO())])
+    learn.fit(2)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

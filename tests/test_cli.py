@@ -1,0 +1,51 @@
+"""`nanofit demo` end to end, as a user runs it, in a real subprocess."""
+import re
+import subprocess
+import sys
+
+
+def run(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "nanofit", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=240)
+
+
+def test_demo_trains_to_95_percent_and_writes_the_plot(tmp_path):
+    result = run("demo", "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "\r" not in out  # not a terminal: plain lines
+    accuracy = float(re.search(r"validation accuracy (\d\.\d+)", out).group(1))
+    assert accuracy >= 0.95
+    rows = [line for line in out.splitlines() if re.match(r"^\d+\s", line)]
+    assert len(rows) == 8  # the default number of epochs, one line each
+    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_flags_change_the_run(tmp_path):
+    result = run("demo", "--epochs", "2", "--bs", "128", "--lr", "0.1", "--seed", "3",
+                 "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "after 2 epochs" in result.stdout
+
+
+def test_bad_flags_give_one_line_and_no_traceback(tmp_path):
+    for args in (["demo", "--epochs", "0"], ["demo", "--lr", "abc"], ["demo", "--nope"], ["bogus"]):
+        result = run(*args, cwd=tmp_path)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "error:" in result.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run("demo", "--out", str(blocker / "sub"), cwd=tmp_path)
+    assert result.returncode == 2 and "cannot create --out folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_installed_console_command(tmp_path):
+    import shutil
+
+    exe = shutil.which("nanofit")
+    assert exe, "the `nanofit` command is not on PATH: install the package (pip install -e .)"
+    result = subprocess.run([exe, "demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--epochs" in result.stdout

@@ -1,0 +1,418 @@
+"""The Learner's loop, events, control flow, callback management and optimizer handling."""
+import copy
+import warnings
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanofit import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
+                     CancelFitException, DataLoaders, DeviceCB, Learner, MetricsCB,
+                     MomentumLearner, ProgressCB, Recorder, SingleBatchCB, TensorLoader, TrainCB,
+                     TrainLearner)
+from tests.helpers import make_dls, make_model
+
+
+class Record(Callback):
+    """Records every event (and step) it sees as (name, training)."""
+
+    def __init__(self, order=0):
+        self.order = order
+        self.seen = []
+
+    def __getattr__(self, name):  # only for event names: records them
+        if name in EVENTS:
+            return lambda learn: self.seen.append(name)
+        raise AttributeError(name)
+
+
+def recorded_fit(n_epochs=1, n_train=16, n_valid=8, bs=8, extra=(), **fit_kw):
+    rec = Record()
+    learn = Learner(make_model(), make_dls(n_train, n_valid, bs), F.cross_entropy,
+                    cbs=[rec, *extra])
+    learn.fit(n_epochs, **fit_kw)
+    return rec.seen, learn
+
+
+def batch_events(training):
+    ev = ["before_batch", "after_predict", "after_loss"]
+    if training:
+        ev += ["after_backward", "after_step"]
+    return ev + ["after_batch", "cleanup_batch"]
+
+
+def test_event_sequence_of_a_small_fit():
+    seen, _ = recorded_fit(n_epochs=1, n_train=16, n_valid=8, bs=8)
+    train_phase = ["before_epoch"] + batch_events(True) * 2 + ["after_epoch", "cleanup_epoch"]
+    valid_phase = ["before_epoch"] + batch_events(False) + ["after_epoch", "cleanup_epoch"]
+    assert seen == ["before_fit"] + train_phase + valid_phase + ["after_fit", "cleanup_fit"]
+
+
+def test_fit_without_validation_or_training():
+    seen, _ = recorded_fit(n_epochs=2, n_train=8, n_valid=8, bs=8, valid=False)
+    assert seen.count("before_epoch") == 2 and "after_backward" in seen
+    seen, _ = recorded_fit(n_epochs=1, n_train=8, n_valid=8, bs=8, train=False)
+    assert seen.count("before_epoch") == 1 and "after_backward" not in seen
+
+
+def test_bare_learner_trains_and_phases_are_reported():
+    class Phases(Callback):
+        def __init__(self):
+            self.log = []
+
+        def before_epoch(self, learn):
+            self.log.append((learn.epoch, learn.training, torch.is_grad_enabled()))
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.5)
+    before = copy.deepcopy(learn.model.state_dict())
+    phases = Phases()
+    learn.fit(2, cbs=[phases])
+    assert phases.log == [(0, True, True), (0, False, False), (1, True, True), (1, False, False)]
+    assert not torch.equal(before["0.weight"], learn.model.state_dict()["0.weight"])
+    for name in ("model", "dls", "loss_func", "lr", "opt", "cbs", "n_epochs", "epoch", "dl",
+                 "iter", "batch", "preds", "loss"):
+        assert hasattr(learn, name), name
+    assert learn.n_epochs == 2 and learn.epoch == 1 and learn.dl is learn.dls.valid
+
+
+def test_validation_does_not_change_weights():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.5)
+    before = copy.deepcopy(learn.model.state_dict())
+    learn.fit(1, train=False)
+    after = learn.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("where", ["before_batch", "after_predict", "after_loss",
+                                   "after_backward", "after_step"])
+def test_cancel_batch(where):
+    class Cancel(Callback):
+        def __init__(self):
+            setattr(self, where, self.cancel)
+
+        def cancel(self, learn):
+            if learn.training and learn.iter == 0:
+                raise CancelBatchException()
+
+    seen, _ = recorded_fit(n_train=16, n_valid=8, bs=8, extra=[Cancel()])
+    i = EVENTS.index(where)
+    first = seen[seen.index("before_batch"):]
+    expected_first = [e for e in batch_events(True) if EVENTS.index(e) <= i and e != "cleanup_batch"]
+    assert first[: len(expected_first) + 2] == expected_first + ["after_cancel_batch", "cleanup_batch"]
+    assert seen.count("after_batch") == 2  # the cancelled batch's after_batch did not run
+    assert seen.count("cleanup_batch") == 3
+
+
+def test_cancelled_batch_skips_the_step():
+    learn = Learner(make_model(), make_dls(n_train=8, bs=8), F.cross_entropy, lr=0.5)
+    before = copy.deepcopy(learn.model.state_dict())
+
+    class CancelAfterLoss(Callback):
+        def after_loss(self, learn):
+            raise CancelBatchException()
+
+    learn.fit(1, cbs=[CancelAfterLoss()])
+    assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+
+
+@pytest.mark.parametrize("where", ["before_epoch", "after_batch"])
+def test_cancel_epoch_goes_on_with_next_phase(where):
+    class Cancel(Callback):
+        def __init__(self):
+            setattr(self, where, self.cancel)
+
+        def cancel(self, learn):
+            if learn.training:
+                raise CancelEpochException()
+
+    seen, _ = recorded_fit(n_epochs=2, n_train=16, n_valid=8, bs=8, extra=[Cancel()])
+    assert seen.count("after_cancel_epoch") == 2
+    assert seen.count("cleanup_epoch") == 4
+    assert seen.count("after_epoch") == 2  # only the validation phases completed
+    assert seen.count("after_backward") == (0 if where == "before_epoch" else 2)
+    assert seen[-2:] == ["after_fit", "cleanup_fit"]
+
+
+@pytest.mark.parametrize("where", ["before_fit", "before_epoch", "after_step", "after_epoch"])
+def test_cancel_fit(where):
+    class Cancel(Callback):
+        def __init__(self):
+            setattr(self, where, self.cancel)
+
+        def cancel(self, learn):
+            raise CancelFitException()
+
+    seen, _ = recorded_fit(n_epochs=3, extra=[Cancel()])
+    assert "after_fit" not in seen
+    assert seen[-2:] == ["after_cancel_fit", "cleanup_fit"]
+    assert seen.count("before_epoch") == (0 if where == "before_fit" else 1)
+    assert seen.count("cleanup_epoch") == seen.count("before_epoch")
+
+
+def test_error_runs_every_cleanup_and_names_its_origin():
+    class Boom(Callback):
+        def after_loss(self, learn):
+            raise RuntimeError("boom")
+
+    rec = Record()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[rec, Boom()])
+    with pytest.raises(RuntimeError, match="boom") as info:
+        learn.fit(1)
+    assert rec.seen[-3:] == ["cleanup_batch", "cleanup_epoch", "cleanup_fit"]
+    assert "after_batch" not in rec.seen and "after_cancel_batch" not in rec.seen
+    assert info.value.__notes__ == ["raised in Boom.after_loss (event 'after_loss')"]
+
+
+def test_error_in_default_step_is_noted_with_shapes():
+    dls = DataLoaders(TensorLoader((torch.randn(8, 4), torch.zeros(8, 1).long()), 8), None)
+    learn = Learner(nn.Linear(4, 3), dls, F.cross_entropy)
+    with pytest.raises(RuntimeError) as info:
+        learn.fit(1, valid=False)
+    notes = "\n".join(info.value.__notes__)
+    assert "loss_func got a tensor of shape (8, 3) and dtype torch.float32" in notes
+    assert "a tensor of shape (8, 1) and dtype torch.int64" in notes
+    assert "raised in Learner.get_loss" in notes
+
+
+def test_temporary_callbacks_are_removed_even_after_an_error():
+    class Boom(Callback):
+        def before_fit(self, learn):
+            raise ValueError("no")
+
+    keep = Record()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[keep])
+    temp = Record()
+    with pytest.raises(ValueError):
+        learn.fit(1, cbs=[temp, Boom()])
+    assert learn.cbs == [keep]
+    learn.fit(1)
+    assert temp.seen == ["before_fit", "cleanup_fit"] and "after_fit" in keep.seen
+
+
+def test_callbacks_run_sorted_by_order_stable_for_ties():
+    log = []
+
+    class Named(Callback):
+        def __init__(self, name, order):
+            self.name, self.order = name, order
+
+        def before_fit(self, learn):
+            log.append(self.name)
+
+    cbs = [Named("a", 5), Named("b", 0), Named("c", 5), Named("d", -1), Named("e", 0)]
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=cbs)
+    learn.fit(1)
+    assert log == ["d", "b", "e", "a", "c"]
+
+
+def test_duck_typed_callback_add_cb_and_rm_cb():
+    class Duck:  # not a Callback subclass: an `order` attribute is enough
+        order = 3
+
+        def __init__(self):
+            self.n = 0
+
+        def after_batch(self, learn):
+            self.n += 1
+
+    duck = Duck()
+    learn = Learner(make_model(), make_dls(n_train=16, n_valid=8), F.cross_entropy)
+    learn.add_cb(duck).fit(1)
+    assert duck.n == 3
+    learn.rm_cb(duck).fit(1)
+    assert duck.n == 3
+    with pytest.raises(ValueError, match="not among"):
+        learn.rm_cb(duck)
+
+
+def test_callback_added_during_fit_runs_from_then_on():
+    class Late(Callback):
+        def __init__(self):
+            self.n = 0
+
+        def after_batch(self, learn):
+            self.n += 1
+
+    late = Late()
+
+    class Adder(Callback):
+        def after_epoch(self, learn):
+            if learn.training and late not in learn.cbs:
+                learn.add_cb(late)
+
+    learn = Learner(make_model(), make_dls(n_train=16, n_valid=8), F.cross_entropy, cbs=[Adder()])
+    learn.fit(1)
+    assert late.n == 1  # the single validation batch
+
+
+def test_bad_callbacks_are_rejected_clearly():
+    with pytest.raises(TypeError, match=r"class Record.*pass Record\(\) instead"):
+        Learner(make_model(), make_dls(), cbs=[Record])
+    with pytest.raises(TypeError, match="no `order` attribute"):
+        Learner(make_model(), make_dls(), cbs=[print])
+    learn = Learner(make_model(), make_dls())
+    with pytest.raises(TypeError, match="pass Record"):
+        learn.fit(1, cbs=[Record])
+
+
+def test_typo_in_event_name_warns():
+    class Typo(Callback):
+        def befor_batch(self, learn):
+            pass
+
+        def after_bach(self, learn):
+            pass
+
+        def helper(self):
+            pass
+
+    with pytest.warns(UserWarning) as caught:
+        Learner(make_model(), make_dls(), cbs=[Typo()])
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2
+    assert "Typo.after_bach" in messages[0] and "'after_batch'" in messages[0]
+    assert "Typo.befor_batch" in messages[1] and "'before_batch'" in messages[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shipped = [TrainCB(), DeviceCB("cpu"), SingleBatchCB(), MetricsCB(), Recorder(),
+                   ProgressCB()]
+        Learner(make_model(), make_dls(), cbs=[Record(), *shipped])  # no false alarms
+
+
+def test_show_training_loop_lists_callbacks_in_dispatch_order(capsys):
+    class A(Callback):
+        order = 2
+
+        def before_batch(self, learn):
+            pass
+
+        def predict(self, learn):
+            learn.preds = learn.model(learn.batch[0])
+
+    class B(Callback):
+        def before_batch(self, learn):
+            pass
+
+    learn = Learner(make_model(), make_dls(), cbs=[A(), B()])
+    learn.show_training_loop()
+    out = capsys.readouterr().out
+    assert "before_batch: B.before_batch, A.before_batch" in out
+    assert "predict: A.predict" in out
+    assert "get_loss: Learner.get_loss" in out
+    lines = [line.strip().split(":")[0] for line in out.splitlines()]
+    assert set(EVENTS) | set(STEPS) == set(lines)
+
+
+def test_callback_step_replaces_default_and_subclass_override():
+    calls = []
+
+    class MyPredict(Callback):
+        def predict(self, learn):
+            calls.append("cb")
+            learn.preds = learn.model(learn.batch[0])
+
+    learn = Learner(make_model(), make_dls(n_train=8, n_valid=8), F.cross_entropy,
+                    cbs=[MyPredict()])
+    learn.fit(1)
+    assert calls == ["cb", "cb"]
+
+    class MyLearner(Learner):
+        def get_loss(self):
+            calls.append("subclass")
+            self.loss = F.cross_entropy(self.preds, self.batch[1])
+
+    MyLearner(make_model(), make_dls(n_train=8, n_valid=8)).fit(1)
+    assert calls[2:] == ["subclass", "subclass"]
+
+
+def test_traincb_and_trainlearner_match_the_default_loop():
+    def final_weights(learner_cls=Learner, cbs=()):
+        learn = learner_cls(make_model(), make_dls(), F.cross_entropy, lr=0.3, cbs=list(cbs))
+        learn.fit(2)
+        return learn.model.state_dict()
+
+    ref = final_weights()
+    for other in (final_weights(cbs=[TrainCB()]), final_weights(TrainLearner)):
+        assert all(torch.equal(ref[k], other[k]) for k in ref)
+
+
+def test_traincb_n_inp_two_inputs():
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 1), nn.Linear(2, 1)
+
+        def forward(self, xa, xb):
+            return self.a(xa) + self.b(xb)
+
+    g = torch.Generator().manual_seed(0)
+    xa, xb = torch.randn(32, 3, generator=g), torch.randn(32, 2, generator=g)
+    y = xa.sum(1, keepdim=True) - xb.sum(1, keepdim=True)
+    dls = DataLoaders(TensorLoader((xa, xb, y), 8), TensorLoader((xa, xb, y), 16))
+    learn = Learner(TwoIn(), dls, F.mse_loss, lr=0.1, cbs=[TrainCB(n_inp=2)])
+    learn.fit(20)
+    assert learn.loss.item() < 0.05
+    default = Learner(TwoIn(), dls, F.mse_loss, lr=0.1, n_inp=2)
+    default.fit(20)
+    assert default.loss.item() < 0.05
+
+
+def test_optimizer_kept_across_fits_lr_and_reset():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1,
+                    opt_func=partial(torch.optim.SGD, momentum=0.9))
+    learn.fit(1)
+    opt = learn.opt
+    assert len(opt.state) > 0  # momentum buffers exist
+    learn.fit(1, lr=0.01)
+    assert learn.opt is opt and opt.param_groups[0]["lr"] == 0.01 and learn.lr == 0.01
+    learn.opt = None
+    learn.fit(1)
+    assert learn.opt is not opt and learn.opt.param_groups[0]["lr"] == 0.01
+
+
+def test_momentum_learner_equals_torch_sgd_momentum():
+    dls = make_dls(shuffle=False)
+    ours = MomentumLearner(make_model(), dls, F.cross_entropy, lr=0.1, mom=0.85)
+    ours.fit(2)
+    ref = Learner(make_model(), dls, F.cross_entropy, lr=0.1,
+                  opt_func=partial(torch.optim.SGD, momentum=0.85))
+    ref.fit(2)
+    a, b = ours.model.state_dict(), ref.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_training_property_follows_the_model():
+    learn = Learner(make_model(), make_dls())
+    learn.model.train()
+    assert learn.training
+    learn.model.eval()
+    assert not learn.training
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_epochs": 0}, "n_epochs must be an int >= 1"),
+    ({"n_epochs": 1.5}, "n_epochs must be an int >= 1"),
+    ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+])
+def test_bad_fit_arguments(kwargs, match):
+    learn = Learner(make_model(), make_dls())
+    with pytest.raises(ValueError, match=match):
+        learn.fit(**{"n_epochs": 1, **kwargs})
+
+
+def test_bad_data_and_frozen_model_are_reported_before_training():
+    with pytest.raises(ValueError, match="has no data"):
+        Learner(make_model()).fit(1)
+    with pytest.raises(ValueError, match="no `valid` loader"):
+        Learner(make_model(), DataLoaders(make_dls().train)).fit(1)
+    empty = DataLoaders(TensorLoader((torch.randn(3, 4), torch.zeros(3).long()), 8, drop_last=True),
+                        None)
+    with pytest.raises(ValueError, match=r"dls.train yields no batches"):
+        Learner(make_model(), empty).fit(1, valid=False)
+    frozen = make_model().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        Learner(frozen, make_dls()).fit(1)
+    Learner(frozen, make_dls(), F.cross_entropy).fit(1, train=False)  # validation alone is fine
