@@ -56,8 +56,29 @@ def raw_fit(model, opt, train, valid, epochs: int, out: io.StringIO) -> None:
                   (correct / count).item(), file=out)
 
 
-def nanofit_fit(learn: Learner, epochs: int) -> None:
-    learn.fit(epochs)
+def raw_fit_bare(model, opt, train, valid, epochs: int) -> None:
+    """The same loop with no metrics at all: isolates the cost of the event dispatch."""
+    for _ in range(epochs):
+        for training, batches in ((True, train), (False, valid)):
+            model.train(training)
+            with torch.set_grad_enabled(training):
+                for xb, yb in batches:
+                    loss = F.cross_entropy(model(xb), yb)
+                    if training:
+                        loss.backward()
+                        opt.step()
+                        opt.zero_grad()
+
+
+def report(title: str, times: dict[str, list[float]], base: str, other: str) -> None:
+    print(title)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name in (base, other):
+        ts = times[name]
+        print(f"  {name:>15}: median {med[name]:7.1f} us/batch  (min {min(ts):.1f}, max {max(ts):.1f})")
+    pairwise = statistics.median(n / r for n, r in zip(times[other], times[base]))
+    print(f"  ratio {other} / {base}: {med[other] / med[base]:.3f} "
+          f"(median of per-repeat ratios {pairwise:.3f})")
 
 
 def main() -> None:
@@ -77,26 +98,30 @@ def main() -> None:
                     cbs=[DeviceCB("cpu"), MetricsCB(accuracy=MulticlassAccuracy(10, average="micro")),
                          ProgressCB(file=sink)])
 
-    runs = {"raw loop": lambda: raw_fit(raw_model, raw_opt, train, valid, args.epochs, sink),
-            "nanofit": lambda: nanofit_fit(learn, args.epochs)}
+    bare_model = make_model(1)
+    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.1)
+    bare = Learner(make_model(1), DataLoaders(train, valid), F.cross_entropy, lr=0.1)
+    runs = {
+        "raw loop": lambda: raw_fit(raw_model, raw_opt, train, valid, args.epochs, sink),
+        "nanofit": lambda: learn.fit(args.epochs),
+        "bare raw loop": lambda: raw_fit_bare(bare_model, bare_opt, train, valid, args.epochs),
+        "bare Learner": lambda: bare.fit(args.epochs),
+    }
     for run in runs.values():  # warm-up: allocator, first-call costs
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
-        for name, run in runs.items():  # interleaved, so drifts in machine speed hit both
+        for name, run in runs.items():  # interleaved, so drifts in machine speed hit all
             start = time.perf_counter()
             run()
             times[name].append((time.perf_counter() - start) / n_batches * 1e6)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
           f"{n_batches} batches per run (train + valid)")
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    for name, ts in times.items():
-        print(f"{name:>9}: median {med[name]:7.1f} us/batch  (min {min(ts):.1f}, max {max(ts):.1f})")
-    print(f"ratio nanofit / raw loop: {med['nanofit'] / med['raw loop']:.3f}")
-    pairwise = [n / r for n, r in zip(times["nanofit"], times["raw loop"])]
-    print(f"median of per-repeat ratios: {statistics.median(pairwise):.3f}")
-
+    report("with metrics (DeviceCB, MetricsCB(accuracy), ProgressCB vs the same numbers by hand):",
+           times, "raw loop", "nanofit")
+    report("bare (no callbacks vs no metrics): the cost of the loop and its dispatch alone:",
+           times, "bare raw loop", "bare Learner")
 
 if __name__ == "__main__":
     main()
