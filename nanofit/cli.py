@@ -89,6 +89,16 @@ def _positive(kind: type):
     return parse
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanofit", description="nanofit: a small, fast training loop for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -97,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive(int), default=8)
     demo.add_argument("--lr", type=_positive(float), default=0.05)
     demo.add_argument("--bs", type=_positive(int), default=64, help="batch size")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", type=Path, default=Path("nanofit_demo"),
                       help="folder for the loss plot (created if needed)")
     return parser

@@ -119,10 +119,8 @@ class DataLoaders:
         Example: `DataLoaders.from_dd(dd.with_format('torch'), batch_size=64)`
         """
         names = list(dataset_dict.keys())
-        train_name = "train" if "train" in names else names[0] if names else None
+        train_name = "train" if "train" in names else None
         valid_name = next((n for n in ("validation", "valid", "test") if n in names), None)
-        if valid_name is None and len(names) > 1:
-            valid_name = next(n for n in names if n != train_name)
         if train_name is None or valid_name is None:
             raise ValueError(f"from_dd needs a 'train' and a 'validation' (or 'valid'/'test') "
                              f"split, got splits {names}")

@@ -5,14 +5,17 @@ training (metrics, progress bars, schedules, devices, ...) is a callback in `nan
 """
 from __future__ import annotations
 
-import difflib
 import math
-import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .callback import (EVENTS, PREDICT_STEPS, STAGES, STEPS, TRAIN_STEPS, Callback,
+                       CancelBatchException, CancelEpochException, CancelFitException,
+                       check_callback, note_origin, where)
+from .optim import HPOptimizer, set_hyper
 
 __all__ = [
     "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
@@ -20,92 +23,28 @@ __all__ = [
 ]
 
 
-class CancelFitException(Exception):
-    """Raise in a callback to stop the fit; `after_cancel_fit` and `cleanup_fit` run."""
-
-
-class CancelEpochException(Exception):
-    """Raise in a callback to stop the current epoch phase; the next one starts."""
-
-
-class CancelBatchException(Exception):
-    """Raise in a callback to stop the current batch; the next batch starts."""
-
-
-# The step methods: the Learner has defaults; a callback (or subclass) defining one replaces it.
-STEPS = ("predict", "get_loss", "backward", "step", "zero_grad")
-
-# stage -> (its cancel exception, before, after, after_cancel, cleanup); names built once, here.
-_STAGES = {
-    stage: (exc, f"before_{stage}", f"after_{stage}", f"after_cancel_{stage}", f"cleanup_{stage}")
-    for stage, exc in (("fit", CancelFitException), ("epoch", CancelEpochException),
-                       ("batch", CancelBatchException))
-}
-
-# Every event in the order a normal fit first reaches it.
-EVENTS = (
-    "before_fit", "before_epoch", "before_batch", "after_predict", "after_loss",
-    "after_backward", "after_step", "after_batch", "after_epoch", "after_fit",
-    "after_cancel_batch", "after_cancel_epoch", "after_cancel_fit",
-    "cleanup_batch", "cleanup_epoch", "cleanup_fit",
-)
-
-
-class Callback:
-    """Base class for callbacks: define any event method, e.g. `def after_batch(self, learn)`."""
-
-    order: int = 0
-
-
-def _where(fn: Callable) -> str:
-    """'ClassName.method' for a bound method or a plain function, for error notes."""
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        return f"{type(owner).__name__}.{fn.__name__}"
-    return getattr(fn, "__qualname__", repr(fn))
-
-
-def _note_origin(e: BaseException, fn: Callable, event: str) -> None:
-    """Add 'raised in X.event' to an exception once: the innermost place is the useful one."""
-    notes = getattr(e, "__notes__", ())
-    if not any(n.startswith("raised in ") for n in notes):
-        e.add_note(f"raised in {_where(fn)} (event '{event}')")
-
-
-def _check_callback(cb: Any) -> None:
-    """Reject what cannot be a callback, and warn about event names with typos."""
-    if isinstance(cb, type):
-        raise TypeError(f"cbs got the class {cb.__name__}, not an instance of it; "
-                        f"pass {cb.__name__}() instead")
-    if not hasattr(cb, "order"):
-        raise TypeError(f"cbs got {cb!r} of type {type(cb).__name__}, which has no `order` "
-                        "attribute; subclass nanofit.Callback or give it `order = 0`")
-    known = set(EVENTS) | set(STEPS)
-    for name in dir(type(cb)):
-        if name.startswith("_") or name in known or not callable(getattr(type(cb), name)):
-            continue
-        close = difflib.get_close_matches(name, EVENTS + STEPS, n=1, cutoff=0.85)
-        if close:
-            warnings.warn(f"{type(cb).__name__}.{name} matches no event and will never run; "
-                          f"did you mean {close[0]!r}?", UserWarning, stacklevel=4)
-
-
 class Learner:
     """Owns the model, data, loss and optimizer, and runs `fit` while calling the callbacks.
+
+    `lr` is the rate a new optimizer starts with (a list gives one per param group); change
+    the live one with `fit(lr=...)` or `learn.opt.lr = ...`. `splitter(model)` returns lists of
+    parameters, one param group each (for discriminative rates and `freeze`).
 
     Example: `Learner(model, dls, F.cross_entropy, lr=0.1, cbs=[MetricsCB(acc)]).fit(3)`
     """
 
     def __init__(self, model: nn.Module, dls: Any = None, loss_func: Callable = F.mse_loss,
-                 lr: float = 0.1, cbs: Iterable[Any] | None = None,
-                 opt_func: Callable | None = torch.optim.SGD, n_inp: int = 1) -> None:
+                 lr: float | Sequence[float] = 0.1, cbs: Iterable[Any] | None = None,
+                 opt_func: Callable | None = torch.optim.SGD, n_inp: int = 1,
+                 splitter: Callable[[nn.Module], list] | None = None) -> None:
         self.model = model
         self.dls = dls
         self.loss_func = loss_func
         self.lr = lr
         self.opt_func = opt_func
         self.n_inp = n_inp
-        self.opt: torch.optim.Optimizer | None = None
+        self.splitter = splitter
+        self.opt = None
         self.cbs: list[Any] = []
         self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
         self.dl: Any = None
@@ -113,14 +52,14 @@ class Learner:
         self.preds: Any = None
         self.loss: Any = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
-        for cb in cbs or ():
+        for cb in as_cbs(cbs):
             self.add_cb(cb)
         self._build_handlers()
 
     # ---- callbacks ------------------------------------------------------------------------
     def add_cb(self, cb: Any) -> "Learner":
         """Add a callback instance; it takes effect at once, even during a fit."""
-        _check_callback(cb)
+        check_callback(cb)
         self.cbs.append(cb)
         self._build_handlers()
         return self
@@ -155,7 +94,7 @@ class Learner:
             except (CancelFitException, CancelEpochException, CancelBatchException):
                 raise
             except BaseException as e:
-                _note_origin(e, fn, event)
+                note_origin(e, fn, event)
                 raise
 
     def show_training_loop(self) -> None:
@@ -168,43 +107,52 @@ class Learner:
         lines = []
 
         def add(event: str, depth: int) -> None:
-            names = [_where(fn) for fn in self._handlers[event]]
+            names = [where(fn) for fn in self._handlers[event]]
             lines.append(" " * depth + f"{event}: " + (", ".join(names) if names else "-"))
 
         for stage in ("fit", "epoch", "batch"):
-            add(_STAGES[stage][1], indent[stage])
-        for event in ("predict", "after_predict", "get_loss", "after_loss", "backward",
-                      "after_backward", "step", "after_step", "zero_grad"):
+            add(STAGES[stage][1], indent[stage])
+        for event in PREDICT_STEPS + TRAIN_STEPS + ("zero_grad",):
             add(event, 6)
         for stage in ("batch", "epoch", "fit"):
-            for event in _STAGES[stage][2:]:
+            for event in STAGES[stage][2:]:
                 add(event, indent[stage])
         return "\n".join(lines)
 
     # ---- the loop ---------------------------------------------------------------------------
     def _with_events(self, stage: str, body: Callable[[], None]) -> None:
-        cancel, before, after, after_cancel, cleanup = _STAGES[stage]
+        cancel, before, after, after_cancel, cleanup = STAGES[stage]
         try:
-            self.callback(before)
-            body()
-            self.callback(after)
-        except cancel:
-            self.callback(after_cancel)
-        finally:
+            try:
+                self.callback(before)
+                body()
+                self.callback(after)
+            except cancel:
+                self.callback(after_cancel)
+        except BaseException as e:
+            self._cleanup_while_failing(cleanup, e)
+            raise
+        self.callback(cleanup)
+
+    def _cleanup_while_failing(self, cleanup: str, error: BaseException) -> None:
+        """Run `cleanup` while `error` propagates; a second failure must not hide the first."""
+        try:
             self.callback(cleanup)
+        except Exception as second:
+            if isinstance(error, (CancelFitException, CancelEpochException, CancelBatchException)):
+                raise  # a real error beats a cancellation
+            error.add_note(f"while cleaning up ({cleanup}), {type(second).__name__}: {second}")
 
     def _do_batch(self) -> None:
         run = self.callback
-        run("predict")
-        run("after_predict")
-        run("get_loss")
-        run("after_loss")
+        for event in PREDICT_STEPS:
+            run(event)
         if self.model.training:
-            run("backward")
-            run("after_backward")
-            run("step")
-            run("after_step")
-            run("zero_grad")
+            try:
+                for event in TRAIN_STEPS:
+                    run(event)
+            finally:  # a batch cancelled after backward must not leak its gradients into the next
+                run("zero_grad")
 
     def _do_epoch(self) -> None:
         for self.iter, self.batch in enumerate(self.dl):
@@ -226,14 +174,17 @@ class Learner:
                     self.one_epoch(False)
 
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
-            cbs: Iterable[Any] | None = None, lr: float | None = None) -> None:
+            cbs: Iterable[Any] | None = None, lr: float | Sequence[float] | None = None) -> None:
         """Train for `n_epochs`, each a training phase then a validation phase.
 
         `cbs` are added for this call only; `lr` sets the optimizer's learning rate.
         """
-        extra = list(cbs or ())
+        extra = as_cbs(cbs)
         for cb in extra:
-            _check_callback(cb)
+            check_callback(cb)
+            if any(cb is c for c in self.cbs):
+                raise ValueError(f"fit(cbs=...): {type(cb).__name__} is already among the "
+                                 "learner's callbacks; pass it only once")
         self._check_fit_args(n_epochs, train, valid, lr)
         self.cbs.extend(extra)
         try:
@@ -244,18 +195,19 @@ class Learner:
                 self._prepare_opt(lr)
             self.n_epochs = n_epochs
             self._with_events("fit", lambda: self._do_fit(train, valid))
+        except (CancelEpochException, CancelBatchException) as e:
+            e.add_note(f"{type(e).__name__} escaped fit: it was raised outside its stage (e.g. "
+                       "CancelBatchException in before_epoch); raise the exception of the stage "
+                       "you are in, or CancelFitException")
+            raise
         finally:
-            for cb in extra:
-                self.cbs.remove(cb)
+            self.cbs[:] = [c for c in self.cbs if not any(c is cb for cb in extra)]
             self._build_handlers()
 
-    def _check_fit_args(self, n_epochs: int, train: bool, valid: bool, lr: float | None) -> None:
+    def _check_fit_args(self, n_epochs: int, train: bool, valid: bool, lr: Any) -> None:
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
             raise ValueError(f"fit: n_epochs must be an int >= 1, got {n_epochs!r}")
-        value = self.lr if lr is None else lr
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0):
-            raise ValueError(f"fit: lr must be a finite number > 0, got {value!r}")
+        check_lr(self.lr if lr is None else lr, "fit")
         if self.dls is None:
             raise ValueError("fit: the learner has no data; pass dls=DataLoaders(train_dl, valid_dl)")
         for phase, wanted in (("train", train), ("valid", valid)):
@@ -272,13 +224,156 @@ class Learner:
             raise ValueError("fit: the model has no trainable parameters (none requires grad); "
                              "unfreeze some or call fit(train=False)")
 
-    def _prepare_opt(self, lr: float | None) -> None:
+    @property
+    def opt(self) -> HPOptimizer | None:
+        """The optimizer (made by the first fit), with lr/mom/wd/beta by name; None resets it."""
+        return self._opt
+
+    @opt.setter
+    def opt(self, opt: Any) -> None:
+        self._opt = None if opt is None else HPOptimizer(opt)
+
+    def splits(self) -> list[list[nn.Parameter]]:
+        """The parameter groups: `splitter(model)`, or one group of all parameters."""
+        if self.splitter is None:
+            return [list(self.model.parameters())]
+        groups = [list(g) for g in self.splitter(self.model)]
+        if not groups or not all(groups):
+            raise ValueError(f"splitter returned {len(groups)} groups with sizes "
+                             f"{[len(g) for g in groups]}; it must return non-empty lists of "
+                             "parameters, e.g. [list(m.body.parameters()), list(m.head.parameters())]")
+        return groups
+
+    def create_opt(self) -> None:
+        """Make the optimizer: `opt_func(param_groups, lr=lr)`, one group per split."""
+        if self.opt_func is None:
+            return
+        lrs = self.lr if isinstance(self.lr, (list, tuple)) else None
+        lr = lrs[-1] if lrs else self.lr
+        if self.splitter is None:
+            self.opt = self.opt_func(self.model.parameters(), lr=lr)
+        else:
+            self.opt = self.opt_func([{"params": g} for g in self.splits()], lr=lr)
+        if lrs:
+            set_hyper(self.opt, "lr", lrs)
+
+    def _prepare_opt(self, lr: float | Sequence[float] | None) -> None:
         if self.opt is None:
-            if self.opt_func is not None:
-                self.opt = self.opt_func(self.model.parameters(), lr=self.lr)
+            self.create_opt()
         elif lr is not None:
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+            set_hyper(self.opt, "lr", lr)
+
+    # ---- fine-tuning --------------------------------------------------------------------------
+    def freeze_to(self, n: int) -> None:
+        """Freeze the parameter groups before group `n` (negative counts from the end)."""
+        groups = self.splits()
+        trainable = set(range(len(groups))[n:])
+        for i, group in enumerate(groups):
+            for p in group:
+                p.requires_grad_(i in trainable)
+
+    def freeze(self) -> None:
+        """Freeze all parameter groups but the last (the head), as in fastai."""
+        self.freeze_to(-1)
+
+    def unfreeze(self) -> None:
+        """Make every parameter group trainable."""
+        self.freeze_to(0)
+
+    # ---- schedules and the LR finder (their callbacks live in nanofit.callbacks) ------------
+    def fit_one_cycle(self, n_epochs: int, lr_max: float | Sequence[float] | None = None,
+                      div: float = 25.0, div_final: float = 1e5, pct_start: float = 0.25,
+                      moms: Sequence[float] | None = (0.95, 0.85, 0.95), wd: float | None = None,
+                      cbs: Iterable[Any] | None = None) -> None:
+        """Fit with the 1cycle policy: lr warms up from lr_max/div to lr_max (cosine) over
+        `pct_start` of training, then anneals to lr_max/div_final; momentum moves inversely.
+
+        `lr_max` may be a list, one per param group; `moms=None`, or an optimizer without
+        momentum, leaves momentum alone; `wd` sets weight decay for the run.
+        """
+        from .schedule import one_cycle_scheds
+
+        lr_max = self.lr if lr_max is None else lr_max
+        check_lr(lr_max, "fit_one_cycle")
+        lrs = list(lr_max) if isinstance(lr_max, (list, tuple)) else [lr_max]
+        per_group = [one_cycle_scheds(lr, div, div_final, pct_start, moms) for lr in lrs]
+        scheds: dict[str, Any] = {"lr": [s["lr"] for s in per_group]}
+        if "mom" in per_group[0]:
+            scheds["mom"] = per_group[0]["mom"]
+        self._fit_scheduled(n_epochs, scheds, wd, cbs)
+
+    def fit_flat_cos(self, n_epochs: int, lr: float | Sequence[float] | None = None,
+                     div_final: float = 1e5, pct_start: float = 0.75, wd: float | None = None,
+                     cbs: Iterable[Any] | None = None) -> None:
+        """Fit at a flat lr for `pct_start` of training, then anneal it to lr/div_final (cosine)."""
+        from .schedule import flat_cos_scheds
+
+        lr = self.lr if lr is None else lr
+        check_lr(lr, "fit_flat_cos")
+        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+        self._fit_scheduled(n_epochs, {"lr": [flat_cos_scheds(v, div_final, pct_start)["lr"]
+                                              for v in lrs]}, wd, cbs)
+
+    def _fit_scheduled(self, n_epochs: int, scheds: dict[str, Any], wd: float | None,
+                       cbs: Iterable[Any] | None) -> None:
+        from .callbacks.schedule import ParamScheduler
+        from .schedule import sched_no
+
+        self._prepare_opt(None)
+        hypers = self.opt.hypers if self.opt is not None else []
+        if "mom" in scheds and "mom" not in hypers:
+            del scheds["mom"]  # e.g. Adagrad: nothing to schedule
+        if len(scheds["lr"]) == 1:
+            scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
+        if wd is not None:
+            scheds["wd"] = sched_no(wd, wd)
+        self.fit(n_epochs, cbs=[ParamScheduler(**scheds), *(cbs or ())])
+
+    def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
+                  lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
+                  **kwargs: Any) -> None:
+        """fastai's transfer-learning recipe: train the head with the body frozen for
+        `freeze_epochs`, then everything for `epochs` with discriminative rates from
+        base_lr/2/lr_mult (first group) to base_lr/2 (last), by one-cycle."""
+        from .schedule import lr_range
+
+        self.freeze()
+        self.fit_one_cycle(freeze_epochs, base_lr, pct_start=0.99, **kwargs)
+        base_lr /= 2
+        self.unfreeze()
+        lrs = lr_range(base_lr / lr_mult, base_lr, len(self.splits()))
+        self.fit_one_cycle(epochs, lrs if len(lrs) > 1 else lrs[0], pct_start=pct_start, div=div,
+                           **kwargs)
+
+    def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+                stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
+                plot_path: str = "lr_find.png") -> Any:
+        """Try learning rates from `start_lr` growing to `end_lr` over `num_it` training batches;
+        return the suggested rate(s) (`.valley`, `.minimum`, `.steep`).
+
+        Leaves no trace: weights, optimizer, callbacks, `requires_grad` and RNG states are
+        restored afterwards (callbacks' too, through their `state_dict`), so `lr_find(); fit()`
+        trains exactly as `fit()` alone. Callbacks with `run_in_lr_find = False` (schedules)
+        sit it out. The curve is
+        kept in `learn.lr_finder` (`lrs`, `losses`, `plot()`); `plot=True` shows it in a
+        notebook, else saves it to `plot_path`.
+        """
+        from .callbacks.lr_find import LRFinderCB
+        from .state import preserve_state
+
+        finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+        self._check_fit_args(1, True, False, None)
+        n_batches = len(self.dls.train)
+        with preserve_state(self):
+            self.cbs[:] = [cb for cb in self.cbs if getattr(cb, "run_in_lr_find", True)]
+            self.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])
+        self.lr_finder = finder
+        suggestions = finder.suggest(suggest)
+        if plot:
+            from .plots import show_or_save
+
+            show_or_save(finder.plot(suggestions), plot_path)
+        return suggestions
 
     # ---- the five steps: defaults that a callback or a subclass may replace -----------------
     def predict(self) -> None:
@@ -307,12 +402,31 @@ class Learner:
 
     def zero_grad(self) -> None:
         """opt.zero_grad()"""
-        self.opt.zero_grad()
+        if self.opt is not None:  # runs even after a failed step: must not hide that error
+            self.opt.zero_grad()
 
     @property
     def training(self) -> bool:
         """True during a training phase (the model is in train mode)."""
         return self.model.training
+
+
+def as_cbs(cbs: Any) -> list[Any]:
+    """Callbacks as a list: None gives [], a single callback gives [it]."""
+    if cbs is None:
+        return []
+    if isinstance(cbs, type) or hasattr(cbs, "order"):
+        return [cbs]
+    return list(cbs)
+
+
+def check_lr(lr: Any, where_: str) -> None:
+    """A learning rate must be a finite number > 0, or a list of them (one per param group)."""
+    values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+    if not values or not all(not isinstance(v, bool) and isinstance(v, (int, float))
+                             and math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{where_}: lr must be a finite number > 0 (or a list of them, one per "
+                         f"param group), got {lr!r}")
 
 
 def _describe(x: Any) -> str:

@@ -29,7 +29,8 @@ def test_demo_flags_change_the_run(tmp_path):
 
 
 def test_bad_flags_give_one_line_and_no_traceback(tmp_path):
-    for args in (["demo", "--epochs", "0"], ["demo", "--lr", "abc"], ["demo", "--nope"], ["bogus"]):
+    for args in (["demo", "--epochs", "0"], ["demo", "--lr", "abc"], ["demo", "--nope"], ["bogus"],
+                 ["demo", "--seed", "99999999999999999999"], ["demo", "--bs", "1.5"]):
         result = run(*args, cwd=tmp_path)
         assert result.returncode == 2, args
         assert "Traceback" not in result.stderr

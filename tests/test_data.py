@@ -79,3 +79,5 @@ def test_from_dd_on_an_in_memory_hugging_face_dataset():
     assert set(next(iter(as_dicts.valid))) == {"x", "label"}
     with pytest.raises(ValueError, match="needs a 'train' and a 'validation'"):
         DataLoaders.from_dd(datasets.DatasetDict({"train": dd["train"]}), batch_size=4)
+    with pytest.raises(ValueError, match="needs a 'train' and a 'validation'"):
+        DataLoaders.from_dd(datasets.DatasetDict({"validation": dd["test"]}), batch_size=4)

@@ -301,8 +301,12 @@ def test_show_training_loop_lists_callbacks_in_dispatch_order(capsys):
     assert "before_batch: B.before_batch, A.before_batch" in out
     assert "predict: A.predict" in out
     assert "get_loss: Learner.get_loss" in out
-    lines = [line.strip().split(":")[0] for line in out.splitlines()]
-    assert set(EVENTS) | set(STEPS) == set(lines)
+    printed = [line.strip().split(":")[0] for line in out.splitlines()]
+    assert set(EVENTS) | set(STEPS) == set(printed)
+    # The printed order is the order a real training batch runs its events in.
+    seen, _ = recorded_fit(n_train=8, n_valid=8, bs=8)
+    one_batch = seen[seen.index("before_batch"): seen.index("cleanup_batch") + 1]
+    assert [e for e in printed if e in one_batch] == one_batch
 
 
 def test_callback_step_replaces_default_and_subclass_override():
@@ -394,8 +398,9 @@ def test_training_property_follows_the_model():
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_epochs": 0}, "n_epochs must be an int >= 1"),
     ({"n_epochs": 1.5}, "n_epochs must be an int >= 1"),
-    ({"lr": 0.0}, "lr must be a finite number > 0, got 0.0"),
-    ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+    ({"lr": 0.0}, r"lr must be a finite number > 0 .*got 0.0"),
+    ({"lr": float("nan")}, r"lr must be a finite number > 0 .*got nan"),
+    ({"lr": [0.1, -1.0]}, r"got \[0.1, -1.0\]"),
 ])
 def test_bad_fit_arguments(kwargs, match):
     learn = Learner(make_model(), make_dls())
@@ -416,3 +421,90 @@ def test_bad_data_and_frozen_model_are_reported_before_training():
     with pytest.raises(ValueError, match="no trainable parameters"):
         Learner(frozen, make_dls()).fit(1)
     Learner(frozen, make_dls(), F.cross_entropy).fit(1, train=False)  # validation alone is fine
+
+
+def test_traincb_n_inp_reaches_metrics():
+    from nanofit import MetricsCB
+
+    class TwoIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(2, 3)
+
+        def forward(self, xa, xb):
+            return self.a(xa) + self.b(xb)
+
+    xa, xb, y = torch.randn(16, 3), torch.randn(16, 2), torch.randint(0, 3, (16,))
+    dls = DataLoaders(TensorLoader((xa, xb, y), 8), TensorLoader((xa, xb, y), 8))
+    metrics = MetricsCB()
+    Learner(TwoIn(), dls, F.cross_entropy, cbs=[TrainCB(n_inp=2), metrics]).fit(1)
+    assert len(metrics.history) == 2
+
+
+def test_temporary_callback_may_remove_itself_and_duplicates_are_refused():
+    class Leaver(Callback):
+        def after_epoch(self, learn):
+            learn.rm_cb(self)
+
+    keep = Record()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[keep])
+    learn.fit(1, cbs=[Leaver(), Record()])
+    assert learn.cbs == [keep]
+    with pytest.raises(ValueError, match="already among the learner's callbacks"):
+        learn.fit(1, cbs=[keep])
+    assert learn.cbs == [keep]
+
+
+def test_single_callback_instead_of_a_list():
+    rec = Record()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=rec)
+    assert learn.cbs == [rec]
+    other = Record()
+    learn.fit(1, cbs=other)
+    assert "after_fit" in other.seen
+
+
+def test_batch_cancelled_after_backward_leaks_no_gradient():
+    class SkipFirst(Callback):
+        def after_backward(self, learn):
+            if learn.iter == 0:
+                raise CancelBatchException()
+
+    def weights(cbs, n_train):
+        dls = make_dls(n_train=n_train, n_valid=8, bs=8)
+        if n_train == 8:  # the same data as the second batch of the 16-sample loader
+            full = make_dls(n_train=16, n_valid=8, bs=8).train.tensors
+            dls.train.tensors = tuple(t[8:] for t in full)
+        learn = Learner(make_model(), dls, F.cross_entropy, lr=0.5, cbs=cbs)
+        learn.fit(1, valid=False)
+        return learn.model.state_dict()
+
+    skipped = weights([SkipFirst()], 16)  # batch 0 skipped after its backward
+    only_second = weights([], 8)  # batch 1 alone
+    assert all(torch.equal(skipped[k], only_second[k]) for k in skipped)
+
+
+def test_error_in_cleanup_does_not_hide_the_first_error():
+    class Fails(Callback):
+        def after_batch(self, learn):
+            raise KeyError("first")
+
+        def cleanup_fit(self, learn):
+            raise RuntimeError("second")
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[Fails()])
+    with pytest.raises(KeyError, match="first") as info:
+        learn.fit(1)
+    assert any("while cleaning up (cleanup_fit), RuntimeError: second" in n
+               for n in info.value.__notes__)
+
+
+def test_cancel_raised_outside_its_stage_says_so():
+    class Wrong(Callback):
+        def before_epoch(self, learn):
+            raise CancelBatchException()
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[Wrong()])
+    with pytest.raises(CancelBatchException) as info:
+        learn.fit(1)
+    assert "raised outside its stage" in info.value.__notes__[-1]

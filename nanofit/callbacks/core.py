@@ -54,6 +54,9 @@ class TrainCB(Callback):
     def __init__(self, n_inp: int = 1) -> None:
         self.n_inp = n_inp
 
+    def before_fit(self, learn: Any) -> None:
+        learn.n_inp = self.n_inp  # so that metrics find the targets where this callback does
+
     def predict(self, learn: Any) -> None:
         learn.preds = learn.model(*learn.batch[: self.n_inp])
 
@@ -64,10 +67,14 @@ class TrainCB(Callback):
         learn.loss.backward()
 
     def step(self, learn: Any) -> None:
+        if learn.opt is None:
+            raise RuntimeError("TrainCB.step: the learner has no optimizer; pass opt_func= to "
+                               "Learner")
         learn.opt.step()
 
     def zero_grad(self, learn: Any) -> None:
-        learn.opt.zero_grad()
+        if learn.opt is not None:
+            learn.opt.zero_grad()
 
 
 class DeviceCB(Callback):

@@ -1,11 +1,13 @@
 """Metrics per epoch phase (MetricsCB) and the per-batch training record for plots (Recorder)."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 
 from ..learner import Callback
+from ..optim import hyper_access, supported_hypers
 
 __all__ = ["MetricsCB", "Recorder"]
 
@@ -40,6 +42,7 @@ class MetricsCB(Callback):
     """
 
     order = 50
+    run_in_lr_find = False  # an lr sweep is not an epoch worth a record
 
     def __init__(self, *ms: Any, update_every: int = 64, max_buffered: int = 2**24,
                  **metrics: Any) -> None:
@@ -89,7 +92,14 @@ class MetricsCB(Callback):
         self._reset_totals()
 
     def after_batch(self, learn: Any) -> None:
-        targ = learn.batch[learn.n_inp]
+        try:
+            targ = learn.batch[learn.n_inp]
+        except (IndexError, KeyError, TypeError):
+            raise ValueError(f"MetricsCB needs the targets at batch[{learn.n_inp}] (after the "
+                             f"n_inp={learn.n_inp} inputs), but the batch is "
+                             f"{type(learn.batch).__name__} of length "
+                             f"{len(learn.batch) if hasattr(learn.batch, '__len__') else '?'}; "
+                             "set Learner(n_inp=...) or yield (inputs..., targets)") from None
         preds = learn.preds
         if isinstance(preds, torch.Tensor):
             preds = preds.detach()
@@ -150,32 +160,55 @@ class MetricsCB(Callback):
     def cleanup_epoch(self, learn: Any) -> None:
         self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
 
+    def state_dict(self) -> dict[str, Any]:
+        """What this callback has recorded (the history), as plain Python values."""
+        return {"history": copy.deepcopy(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = copy.deepcopy(state["history"])
+
 
 class Recorder(Callback):
-    """Records the loss and learning rate of every training batch, for `plot_loss`.
+    """Records the loss and the hyper-parameters of every training batch, for plots.
 
-    Losses stay on the device and are copied to the host a few hundred at a time.
+    `hps` names the hyper-parameters to record (default: all of lr, mom, wd, beta that the
+    optimizer has), read from its last param group. Losses stay on the device and are copied
+    to the host a few hundred at a time.
     """
 
     order = 60  # after MetricsCB, so the validation loss of the phase is ready
+    run_in_lr_find = False  # records the real run; the LR finder keeps its own curve
 
-    def __init__(self, sync_every: int = 256) -> None:
+    def __init__(self, *hps: str, sync_every: int = 256) -> None:
+        self.names = hps or None
         self.sync_every = sync_every
         self.losses: list[float] = []
-        self.lrs: list[float] = []
+        self.hps: dict[str, list[float]] = {}
         self.valid_losses: list[tuple[int, float]] = []
         self._pending: list[torch.Tensor] = []
+        self._getters: list[tuple[list, Any]] = []
+
+    @property
+    def lrs(self) -> list[float]:
+        """The learning rate of every training batch."""
+        return self.hps.get("lr", [])
 
     def before_fit(self, learn: Any) -> None:
         learn.recorder = self
-        self.losses, self.lrs, self.valid_losses, self._pending = [], [], [], []
+        self.losses, self.valid_losses, self._pending = [], [], []
+        opt = learn.opt
+        names = self.names if self.names else supported_hypers(opt) if opt is not None else []
+        self.hps = {name: [] for name in names}
+        # Resolved once: per batch only list appends of plain dict reads remain.
+        self._getters = [(self.hps[n], hyper_access(opt, n)[0]) for n in names]
 
     def after_batch(self, learn: Any) -> None:
         if not learn.training:
             return
         self._pending.append(learn.loss.detach())
-        opt = learn.opt
-        self.lrs.append(opt.param_groups[-1]["lr"] if opt is not None else float("nan"))
+        group = learn.opt.param_groups[-1]
+        for values, get in self._getters:
+            values.append(get(group))
         if len(self._pending) >= self.sync_every:
             self._sync()
 
@@ -187,11 +220,22 @@ class Recorder(Callback):
     def after_epoch(self, learn: Any) -> None:
         self._sync()
         metrics = getattr(learn, "metrics", None)
-        if not learn.training and metrics is not None and metrics.history:
+        if not learn.training and metrics in learn.cbs and metrics.history:
             self.valid_losses.append((len(self.losses), metrics.history[-1]["loss"]))
 
     def cleanup_fit(self, learn: Any) -> None:
         self._sync()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recorded losses and hyper-parameters, as plain Python values."""
+        self._sync()
+        return copy.deepcopy({"losses": self.losses, "hps": self.hps,
+                              "valid_losses": self.valid_losses})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = copy.deepcopy(state)
+        self.losses, self.hps, self.valid_losses = state["losses"], state["hps"], state["valid_losses"]
+        self._pending = []
 
     def plot_loss(self, path: str | None = None, smooth: float | None = None):
         """Training loss per batch (raw and smoothed) and validation loss per epoch; a Figure."""
@@ -199,3 +243,10 @@ class Recorder(Callback):
 
         self._sync()
         return plot_loss(self.losses, self.valid_losses, smooth=smooth, path=path)
+
+    def plot_sched(self, path: str | None = None):
+        """Each recorded hyper-parameter per training batch; a Figure."""
+        from ..plots import plot_sched
+
+        values = {k: [float(v) for v in vs] for k, vs in self.hps.items()}
+        return plot_sched(values, path=path)

@@ -7,18 +7,9 @@ import time
 from typing import Any, TextIO
 
 from ..learner import Callback
+from ..plots import in_notebook
 
-__all__ = ["ProgressCB", "in_notebook"]
-
-
-def in_notebook() -> bool:
-    """True inside a Jupyter kernel (not a plain IPython terminal)."""
-    if "IPython" not in sys.modules:
-        return False
-    from IPython import get_ipython
-
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+__all__ = ["ProgressCB"]
 
 
 def _isatty(f: TextIO) -> bool:
@@ -47,8 +38,8 @@ class ProgressCB(Callback):
     In a terminal the bars update in place; in a notebook they render there; when the output
     is not a terminal (CI logs, files, pipes) only one clean line per epoch is printed.
     The training loss on the bar is read from the device at most every `refresh` seconds.
-    `plot=True` draws the loss curves from the learner's Recorder: live in a notebook, else
-    saved to `plot_path` after every epoch.
+    `plot=True` draws the loss curves (per batch from a Recorder if there is one, else per
+    epoch): live in a notebook, else saved to `plot_path` after every epoch.
     """
 
     order = 70  # after MetricsCB (50) and Recorder (60): this epoch's record is ready
@@ -69,9 +60,8 @@ class ProgressCB(Callback):
     def before_fit(self, learn: Any) -> None:
         self.out = self.file if self.file is not None else sys.stdout
         self.mode = "notebook" if in_notebook() else "terminal" if _isatty(self.out) else "plain"
-        if self.plot and getattr(learn, "recorder", None) not in learn.cbs:
-            raise ValueError("ProgressCB(plot=True) draws from a Recorder; add Recorder() to cbs")
         self.rows, self._columns, self._row, self._display = [], None, None, None
+        self._row_done = False
         if self.mode != "plain":
             self._epoch_bar = self._tqdm(total=learn.n_epochs, desc="epochs", leave=True)
 
@@ -79,6 +69,7 @@ class ProgressCB(Callback):
         if self._row is None or self._row["epoch"] != learn.epoch:
             self._finish_row(learn)
             self._row = {"epoch": learn.epoch}
+            self._row_done = False
             self._t0 = time.monotonic()
         if self.mode != "plain":
             total = learn.n_iter or None
@@ -98,8 +89,11 @@ class ProgressCB(Callback):
                 self._next_refresh = now + self.refresh
 
     def after_epoch(self, learn: Any) -> None:
+        if self._row is None:
+            return
+        self._row_done = True
         metrics = getattr(learn, "metrics", None)
-        if metrics is None or not metrics.history or self._row is None:
+        if metrics not in learn.cbs or not metrics.history:  # none, or one from an earlier fit
             return
         record = metrics.history[-1]
         prefix = "train" if record["train"] == "train" else "valid"
@@ -129,12 +123,14 @@ class ProgressCB(Callback):
     def _finish_row(self, learn: Any) -> None:
         """Print the finished epoch's row (once all its phases ran) and update the plot."""
         row, self._row = self._row, None
-        if row is None or len(row) == 1:  # no phase of that epoch completed
+        if row is None or not self._row_done:  # no phase of that epoch completed
             return
         row["time"] = _fmt_time(time.monotonic() - self._t0)
         self.rows.append(row)
-        if self._columns is None:
-            self._columns = list(row)
+        columns = list(row) if self._columns is None else self._columns
+        new = [c for c in row if c not in columns]
+        if self._columns is None or new:  # a (new) header when the columns first show or grow
+            self._columns = columns[:-1] + new + ["time"] if new else columns
             self._write(self._format(dict(zip(self._columns, self._columns))))
         self._write(self._format(row))
         if self._epoch_bar is not None:
@@ -156,7 +152,15 @@ class ProgressCB(Callback):
             tqdm.write(line, file=self.out)
 
     def _draw(self, learn: Any) -> None:
-        fig = learn.recorder.plot_loss()
+        recorder = getattr(learn, "recorder", None)
+        if recorder in learn.cbs:
+            fig = recorder.plot_loss()  # every training batch
+        else:
+            from ..plots import plot_history
+
+            metrics = getattr(learn, "metrics", None)
+            history = metrics.history if metrics in learn.cbs else []
+            fig = plot_history(history)  # epochs only: add a Recorder for every batch
         if self.mode != "notebook":
             fig.savefig(self.plot_path, dpi=100, bbox_inches="tight")
             return

@@ -128,11 +128,50 @@ def test_recorder_keeps_every_training_batch_loss_and_lr(tmp_path):
 
 
 def test_metric_states_follow_the_model_device():
+    from torch import nn
+
+    from nanofit import CancelFitException, DeviceCB
+
+    class DeviceMetric(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("total", torch.zeros(()))
+
+        def update(self, preds, targ):
+            assert self.total.device == preds.device
+            self.total += preds.sum()
+
+        def compute(self):
+            return self.total
+
+        def reset(self):
+            self.total.zero_()
+
+    class StopAfterMetrics(Callback):
+        order = 100
+
+        def after_batch(self, learn):
+            raise CancelFitException()  # before the loss is read: meta tensors have no value
+
+    metric = DeviceMetric()
     dls, _, _ = uneven_dls()
-    acc = MulticlassAccuracy(3)
-    Learner(make_model(), dls, F.cross_entropy, cbs=[MetricsCB(acc=acc)]).fit(1)
-    assert acc.device.type == "cpu"
-    assert not math.isnan(acc.compute().item())
+    # "meta" tensors have shapes but no data: a stand-in for a GPU on a machine without one.
+    Learner(make_model(), dls, F.cross_entropy,
+            cbs=[DeviceCB("meta"), MetricsCB(m=metric), StopAfterMetrics()]).fit(1)
+    assert metric.total.device.type == "meta"
+
+
+def test_missing_targets_are_reported_clearly():
+    x = torch.randn(8, 4)
+    dls = DataLoaders(TensorLoader((x,), 4), TensorLoader((x,), 4))
+
+    class NoTargetLoss(Callback):
+        def get_loss(self, learn):
+            learn.loss = learn.preds.pow(2).mean()
+
+    learn = Learner(make_model(), dls, cbs=[NoTargetLoss(), MetricsCB()])
+    with pytest.raises(ValueError, match=r"MetricsCB needs the targets at batch\[1\]"):
+        learn.fit(1)
 
 
 def test_metric_error_names_the_metric_and_shapes_at_the_first_batch():

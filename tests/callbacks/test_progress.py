@@ -49,14 +49,43 @@ def test_terminal_shows_bars_updated_in_place():
     assert cb._bar is None and cb._epoch_bar is None  # closed in cleanup
 
 
-def test_plot_needs_a_recorder_and_writes_a_png(tmp_path):
-    learn = Learner(make_model(), make_dls(), F.cross_entropy,
-                    cbs=[MetricsCB(), ProgressCB(plot=True, file=io.StringIO())])
-    with pytest.raises(ValueError, match=r"add Recorder\(\) to cbs"):
-        learn.fit(1)
+@pytest.mark.parametrize("with_recorder", [True, False])
+def test_plot_writes_a_png_after_every_epoch(tmp_path, with_recorder):
     path = tmp_path / "live.png"
-    learn = Learner(make_model(), make_dls(), F.cross_entropy,
-                    cbs=[MetricsCB(), Recorder(), ProgressCB(plot=True, plot_path=str(path),
-                                                             file=io.StringIO())])
+    cbs = [MetricsCB(), ProgressCB(plot=True, plot_path=str(path), file=io.StringIO())]
+    if with_recorder:
+        cbs.append(Recorder())
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=cbs)
+    learn.fit(1)
+    first = path.read_bytes()
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
     learn.fit(2)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.read_bytes() != first  # redrawn with the new epochs
+
+
+def test_rows_without_metrics_and_with_a_stale_metrics_cb():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy)
+    learn.fit(1, cbs=[MetricsCB()])  # leaves learn.metrics behind
+    out = io.StringIO()
+    learn.fit(2, cbs=[ProgressCB(file=out)])
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:1] for line in lines] == [["epoch"], ["0"], ["1"]]
+    assert "loss" not in lines[0]
+
+
+def test_header_grows_when_a_later_epoch_has_more_columns():
+    from nanofit import Callback, CancelEpochException
+
+    class SkipFirstTraining(Callback):
+        def before_epoch(self, learn):
+            if learn.training and learn.epoch == 0:
+                raise CancelEpochException()
+
+    out = io.StringIO()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[SkipFirstTraining(), MetricsCB(), ProgressCB(file=out)])
+    learn.fit(2)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["epoch", "valid_loss", "time"]
+    assert lines[2].split() == ["epoch", "valid_loss", "train_loss", "time"]
+    assert len(lines[3].split()) == 4

@@ -1,0 +1,128 @@
+"""The learning-rate finder: a short run with an exponentially growing lr, and its suggestions."""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+from ..learner import Callback, CancelEpochException, CancelFitException
+from ..optim import set_hyper
+
+__all__ = ["LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep", "suggest_valley", "SUGGESTIONS"]
+
+
+def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """A tenth of the lr where the (smoothed) loss is lowest: safely before it turns up."""
+    i = min(range(len(losses)), key=losses.__getitem__)
+    return lrs[i] / 10
+
+
+def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The lr where the loss falls fastest per decade of lr."""
+    if len(lrs) < 2:
+        return lrs[0]
+    slopes = [(losses[i + 1] - losses[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i]))
+              for i in range(len(lrs) - 1)]
+    i = min(range(len(slopes)), key=slopes.__getitem__)
+    return math.sqrt(lrs[i] * lrs[i + 1])  # the middle of the steepest step, on the log axis
+
+
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The middle of the descent: halfway, on the log axis, between where the loss starts to
+    fall (a tenth of its total drop) and where it bottoms out.
+
+    Well inside the region where training makes progress, away from both the flat start
+    and the edge where it diverges.
+    """
+    low = min(range(len(losses)), key=losses.__getitem__)
+    drop = losses[0] - losses[low]
+    if low == 0 or drop <= 0:
+        return lrs[low]
+    start = next(i for i in range(low + 1) if losses[0] - losses[i] >= 0.1 * drop)
+    return math.sqrt(lrs[start] * lrs[low])
+
+
+SUGGESTIONS = {"valley": suggest_valley, "minimum": suggest_minimum, "steep": suggest_steep}
+
+
+class SuggestedLRs(NamedTuple):
+    """The LR finder's suggestions, by name (only the ones asked for are set)."""
+
+    valley: float | None = None
+    minimum: float | None = None
+    steep: float | None = None
+
+
+class LRFinderCB(Callback):
+    """Raises the lr exponentially from `start_lr` to `end_lr` over `num_it` training batches,
+    records the smoothed loss, and cancels the fit when done or when the loss diverges
+    (smoothed loss above 4x its minimum, or not finite). Use it through `learn.lr_find()`.
+    """
+
+    order = 100  # sets the lr last, over any other scheduler
+
+    def __init__(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+                 stop_div: bool = True, beta: float = 0.98) -> None:
+        if not 0 < start_lr < end_lr:
+            raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+        if num_it < 2:
+            raise ValueError(f"lr_find needs num_it >= 2, got {num_it}")
+        self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
+        self.stop_div, self.beta = stop_div, beta
+        self.lrs: list[float] = []
+        self.raw_losses: list[float] = []
+        self.losses: list[float] = []  # smoothed
+
+    def lr_at(self, i: int) -> float:
+        """The lr of batch i: geometric steps from start_lr (i=0) to end_lr (i=num_it-1)."""
+        return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_it - 1))
+
+    def before_fit(self, learn: Any) -> None:
+        self.lrs, self.raw_losses, self.losses = [], [], []
+        self._avg, self._best = 0.0, math.inf
+
+    def before_epoch(self, learn: Any) -> None:
+        if not learn.training:
+            raise CancelEpochException()
+
+    def before_batch(self, learn: Any) -> None:
+        lr = self.lr_at(len(self.lrs))
+        set_hyper(learn.opt, "lr", lr)
+        self.lrs.append(lr)
+
+    def after_batch(self, learn: Any) -> None:
+        loss = learn.loss.item()  # one sync per batch is fine for a ~100-batch search
+        self.raw_losses.append(loss)
+        i = len(self.raw_losses)
+        self._avg = self.beta * self._avg + (1 - self.beta) * loss
+        smooth = self._avg / (1 - self.beta**i)
+        self.losses.append(smooth)
+        if math.isfinite(smooth):
+            self._best = min(self._best, smooth)
+        diverged = not math.isfinite(smooth) or smooth > 4 * self._best
+        if (self.stop_div and diverged) or i >= self.num_it:
+            raise CancelFitException()
+
+    def suggest(self, names: Sequence[str] = ("valley", "minimum", "steep")) -> SuggestedLRs:
+        """Suggested learning rates from the recorded curve, by method name."""
+        unknown = [n for n in names if n not in SUGGESTIONS]
+        if unknown:
+            raise ValueError(f"unknown lr_find suggestion {unknown}; choose from {list(SUGGESTIONS)}")
+        pairs = [(lr, loss) for lr, loss in zip(self.lrs, self.losses) if math.isfinite(loss)]
+        if len(pairs) < 2:
+            raise ValueError(f"lr_find recorded {len(pairs)} finite losses, too few to suggest a "
+                             "learning rate; lower start_lr or check the data and loss")
+        # Past the point of divergence the curve says nothing about good rates: cut it there.
+        best = min(range(len(pairs)), key=lambda i: pairs[i][1])
+        cut = next((i for i in range(best, len(pairs)) if pairs[i][1] > 4 * pairs[best][1]),
+                   len(pairs))
+        lrs, losses = [p[0] for p in pairs[:cut]], [p[1] for p in pairs[:cut]]
+        return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in names})
+
+    def plot(self, suggestions: SuggestedLRs | None = None, path: str | None = None):
+        """Smoothed loss against lr (log axis) with the suggestions marked; returns the Figure."""
+        from ..plots import plot_lr_find
+
+        marks = {} if suggestions is None else {k: v for k, v in suggestions._asdict().items()
+                                                 if v is not None}
+        return plot_lr_find(self.lrs, self.losses, marks, path=path)
+

@@ -1,0 +1,160 @@
+"""Hyper-parameters by name (lr, mom, wd, beta) over any torch optimizer.
+
+The names map to each torch optimizer's own keys: `lr` -> 'lr'; `wd` -> 'weight_decay'; `mom` ->
+'momentum' (SGD, RMSprop) or betas[0] (Adam family); `beta` -> betas[1] (Adam family) or 'alpha'
+(RMSprop). Whether weight decay is true (decoupled) weight decay or an L2 penalty is the
+optimizer class's choice: `torch.optim.AdamW` decouples it, `torch.optim.Adam` adds it to the
+gradient (L2); SGD's `weight_decay` is L2, which for plain SGD is the same thing.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+
+HYPERS = ("lr", "mom", "wd", "beta")
+
+Getter = Callable[[dict], Any]
+Setter = Callable[[dict, float], None]
+
+
+def _key(key: str) -> tuple[Getter, Setter]:
+    def get(group: dict) -> Any:
+        return group[key]
+
+    def put(group: dict, value: float) -> None:
+        if isinstance(group[key], torch.Tensor):  # tensor hyper-parameters (capturable, fused)
+            group[key].fill_(value)
+        else:
+            group[key] = value
+    return get, put
+
+
+def _beta(i: int) -> tuple[Getter, Setter]:
+    def get(group: dict) -> Any:
+        return group["betas"][i]
+
+    def put(group: dict, value: float) -> None:
+        betas = list(group["betas"])
+        betas[i] = value
+        group["betas"] = tuple(betas)
+    return get, put
+
+
+def _accessor(opt: Any, name: str) -> tuple[Getter, Setter] | None:
+    """How to read and write hyper-parameter `name` in this optimizer's param groups."""
+    group = opt.param_groups[0]
+    if name == "lr":
+        return _key("lr") if "lr" in group else None
+    if name == "wd":
+        return _key("weight_decay") if "weight_decay" in group else None
+    if name == "mom":
+        if "momentum" in group:
+            return _key("momentum")
+        return _beta(0) if "betas" in group else None
+    if name == "beta":
+        if "betas" in group:
+            return _beta(1)
+        # RMSprop's alpha is its squared-gradient average, as Adam's betas[1]; ASGD's alpha is not.
+        return _key("alpha") if isinstance(_raw(opt), torch.optim.RMSprop) else None
+    raise ValueError(f"unknown hyper-parameter {name!r}; nanofit names: {', '.join(HYPERS)}")
+
+
+def _raw(opt: Any) -> Any:
+    return opt.opt if isinstance(opt, HPOptimizer) else opt
+
+
+def supported_hypers(opt: Any) -> list[str]:
+    """The hyper-parameter names (among lr, mom, wd, beta) that `opt` has."""
+    return [name for name in HYPERS if _accessor(opt, name) is not None]
+
+
+def hyper_access(opt: Any, name: str) -> tuple[Getter, Setter]:
+    """(get, put) functions for `name` on one param group; raises if `opt` lacks it."""
+    acc = _accessor(opt, name)
+    if acc is None:
+        raise AttributeError(f"{type(_raw(opt)).__name__} has no hyper-parameter {name!r}; "
+                             f"it supports: {', '.join(supported_hypers(opt))}")
+    return acc
+
+
+def get_hyper(opt: Any, name: str) -> float | list[float]:
+    """Read `name` from every param group: one float if all agree, else a list per group."""
+    get, _ = hyper_access(opt, name)
+    values = [get(g) for g in opt.param_groups]
+    values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
+    return values[0] if all(v == values[0] for v in values) else values
+
+
+def set_hyper(opt: Any, name: str, value: float | Sequence[float]) -> None:
+    """Write `name` to every param group, or one value per group from a list/tuple."""
+    _, put = hyper_access(opt, name)
+    groups = opt.param_groups
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(groups):
+            raise ValueError(f"{name}: got {len(value)} values {list(value)} for "
+                             f"{len(groups)} param groups; give one value per group, or one number")
+        for group, v in zip(groups, value):
+            put(group, float(v))
+    else:
+        for group in groups:
+            put(group, float(value))
+
+
+class HPOptimizer:
+    """A torch optimizer with `lr`, `mom`, `wd` and `beta` readable and settable by name.
+
+    `opt.lr = 1e-3` sets every param group; `opt.lr = [1e-5, 1e-3]` sets one per group.
+    `step`, `zero_grad`, `state_dict`, `load_state_dict`, `param_groups` and `state` are the
+    wrapped optimizer's; the torch optimizer itself is `opt.opt` (give that to torch's
+    lr schedulers and grad scalers).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        if isinstance(opt, HPOptimizer):
+            opt = opt.opt
+        self.opt = opt
+
+    def step(self, closure: Callable | None = None) -> Any:
+        return self.opt.step(closure) if closure is not None else self.opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.opt.load_state_dict(state_dict)
+
+    def add_param_group(self, group: dict) -> None:
+        self.opt.add_param_group(group)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    @property
+    def state(self) -> Any:
+        return self.opt.state
+
+    @property
+    def hypers(self) -> list[str]:
+        """The hyper-parameter names this optimizer supports."""
+        return supported_hypers(self)
+
+    lr = property(lambda self: get_hyper(self, "lr"), lambda self, v: set_hyper(self, "lr", v),
+                  doc="Learning rate ('lr').")
+    mom = property(lambda self: get_hyper(self, "mom"), lambda self, v: set_hyper(self, "mom", v),
+                   doc="Momentum ('momentum', or betas[0] for the Adam family).")
+    wd = property(lambda self: get_hyper(self, "wd"), lambda self, v: set_hyper(self, "wd", v),
+                  doc="Weight decay ('weight_decay'; decoupled or L2 as the optimizer does it).")
+    beta = property(lambda self: get_hyper(self, "beta"),
+                    lambda self, v: set_hyper(self, "beta", v),
+                    doc="Second moment average (betas[1] for the Adam family, RMSprop's alpha).")
+
+    def __repr__(self) -> str:
+        values = ", ".join(f"{n}={get_hyper(self, n)}" for n in self.hypers)
+        return f"HPOptimizer({type(self.opt).__name__}: {values})"
