@@ -1,9 +1,14 @@
 """nanofit: a small, fast, hackable training loop for PyTorch."""
-from .callbacks import (DeviceCB, MetricsCB, ProgressCB, Recorder, SingleBatchCB, TrainCB,
+from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
+                       CancelFitException)
+from .callbacks import (BatchSchedCB, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
+                        ParamScheduler, ProgressCB, Recorder, SingleBatchCB, SuggestedLRs, TrainCB,
                         def_device, to_cpu, to_device)
 from .data import DataLoaders, TensorLoader, collate_dict
-from .learner import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
-                      CancelFitException, Learner, MomentumLearner, TrainLearner)
+from .learner import Learner, MomentumLearner, TrainLearner
+from .optim import HPOptimizer, get_hyper, set_hyper
+from .schedule import (combine_scheds, flat_cos_scheds, lr_range, one_cycle_scheds, sched_cos,
+                       sched_exp, sched_lin, sched_no)
 
 __version__ = "0.1.0"
 
@@ -11,5 +16,9 @@ __all__ = [
     "Learner", "TrainLearner", "MomentumLearner", "Callback", "EVENTS", "STEPS",
     "CancelFitException", "CancelEpochException", "CancelBatchException",
     "TrainCB", "DeviceCB", "SingleBatchCB", "MetricsCB", "Recorder", "ProgressCB",
+    "ParamScheduler", "BatchSchedCB", "EpochSchedCB", "LRFinderCB", "SuggestedLRs",
     "def_device", "to_device", "to_cpu", "DataLoaders", "TensorLoader", "collate_dict",
+    "HPOptimizer", "get_hyper", "set_hyper",
+    "sched_lin", "sched_cos", "sched_exp", "sched_no", "combine_scheds", "one_cycle_scheds",
+    "flat_cos_scheds", "lr_range",
 ]
