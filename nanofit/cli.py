@@ -43,8 +43,12 @@ def demo_model():
                          nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
 
 
-def run_demo(epochs: int, lr: float, bs: int, seed: int, out: Path) -> float:
-    """Train the demo CNN on digits; print the epochs; save the loss plot; return valid accuracy."""
+def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path) -> float:
+    """Train the demo CNN on digits: lr_find (unless `lr` is given), then fit_one_cycle.
+
+    Prints the epochs, saves loss.png, lr_find.png and schedule.png into `out`, and returns
+    the final validation accuracy.
+    """
     import torch
     import torch.nn.functional as F
     from torchmetrics.classification import MulticlassAccuracy
@@ -56,17 +60,22 @@ def run_demo(epochs: int, lr: float, bs: int, seed: int, out: Path) -> float:
     print(f"nanofit demo: a small CNN on scikit-learn's 8x8 digits "
           f"({len(dls.train.tensors[0])} train, {len(dls.valid.tensors[0])} valid images)")
     metrics = MetricsCB(accuracy=MulticlassAccuracy(num_classes=10, average="micro"))
-    learn = Learner(demo_model(), dls, F.cross_entropy, lr=lr,
+    learn = Learner(demo_model(), dls, F.cross_entropy,
                     opt_func=partial(torch.optim.SGD, momentum=0.9),
                     cbs=[DeviceCB(), metrics, Recorder(), ProgressCB()])
+    if lr is None:
+        suggestion = learn.lr_find(plot_path=str(out / "lr_find.png"))
+        lr = suggestion.valley
+        print(f"lr_find suggests {lr:.2e} (valley); curve: {out / 'lr_find.png'}")
     start = time.monotonic()
-    learn.fit(epochs)
+    learn.fit_one_cycle(epochs, lr)
     seconds = time.monotonic() - start
-    plot_path = out / "loss.png"
-    learn.recorder.plot_loss(path=plot_path)
+    learn.recorder.plot_loss(path=out / "loss.png")
+    learn.recorder.plot_sched(path=out / "schedule.png")
     accuracy = metrics.history[-1]["accuracy"]
-    print(f"validation accuracy {accuracy:.4f} after {epochs} epochs in {seconds:.1f}s")
-    print(f"loss plot: {plot_path}")
+    print(f"validation accuracy {accuracy:.4f} after {epochs} epochs of fit_one_cycle "
+          f"(lr_max {lr:.2e}) in {seconds:.1f}s")
+    print(f"plots: {out / 'loss.png'}, {out / 'schedule.png'}")
     return accuracy
 
 
@@ -105,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's bundled digits",
                           description="Train a small CNN on scikit-learn's bundled 8x8 digits.")
     demo.add_argument("--epochs", type=_positive(int), default=8)
-    demo.add_argument("--lr", type=_positive(float), default=0.05)
+    demo.add_argument("--lr", type=_positive(float), default=None,
+                      help="peak learning rate of the one-cycle schedule (default: lr_find's)")
     demo.add_argument("--bs", type=_positive(int), default=64, help="batch size")
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", type=Path, default=Path("nanofit_demo"),

@@ -9,23 +9,28 @@ def run(*args, cwd):
                           text=True, timeout=240)
 
 
-def test_demo_trains_to_95_percent_and_writes_the_plot(tmp_path):
+def test_demo_finds_an_lr_trains_to_95_percent_and_writes_the_plots(tmp_path):
     result = run("demo", "--out", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "\r" not in out  # not a terminal: plain lines
+    suggested = float(re.search(r"lr_find suggests (\S+) \(valley\)", out).group(1))
+    assert 1e-4 < suggested < 1.0
+    assert f"lr_max {suggested:.2e}" in out  # trained at the suggestion
     accuracy = float(re.search(r"validation accuracy (\d\.\d+)", out).group(1))
     assert accuracy >= 0.95
     rows = [line for line in out.splitlines() if re.match(r"^\d+\s", line)]
-    assert len(rows) == 8  # the default number of epochs, one line each
-    assert (tmp_path / "out" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(rows) == 8  # the default number of epochs, one line each (none from lr_find)
+    for name in ("loss.png", "lr_find.png", "schedule.png"):
+        assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG", name
 
 
 def test_demo_flags_change_the_run(tmp_path):
     result = run("demo", "--epochs", "2", "--bs", "128", "--lr", "0.1", "--seed", "3",
                  "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "after 2 epochs" in result.stdout
+    assert "after 2 epochs" in result.stdout and "lr_max 1.00e-01" in result.stdout
+    assert "lr_find" not in result.stdout and not (tmp_path / "o" / "lr_find.png").exists()
 
 
 def test_bad_flags_give_one_line_and_no_traceback(tmp_path):

@@ -27,17 +27,20 @@ def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
 
 
 def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
-    """The middle of the descent: halfway, on the log axis, between where the loss starts to
-    fall (a tenth of its total drop) and where it bottoms out.
+    """The middle of the descent into the lowest loss, on the log axis.
 
-    Well inside the region where training makes progress, away from both the flat start
-    and the edge where it diverges.
+    The descent runs from where the loss last stood near its plateau (within a tenth of the
+    drop) to its lowest point; the plateau level is the 90th percentile of the losses before
+    the minimum, so neither noise nor the first few batches move it. The middle sits well
+    inside the rates where training makes progress, away from the edge of divergence.
     """
     low = min(range(len(losses)), key=losses.__getitem__)
-    drop = losses[0] - losses[low]
-    if low == 0 or drop <= 0:
+    before = sorted(losses[: low + 1])
+    plateau = before[int(0.9 * (len(before) - 1))]
+    drop = plateau - losses[low]
+    if drop <= 0:
         return lrs[low]
-    start = next(i for i in range(low + 1) if losses[0] - losses[i] >= 0.1 * drop)
+    start = max(i for i in range(low + 1) if losses[i] >= losses[low] + 0.9 * drop)
     return math.sqrt(lrs[start] * lrs[low])
 
 

@@ -43,6 +43,7 @@ class ProgressCB(Callback):
     """
 
     order = 70  # after MetricsCB (50) and Recorder (60): this epoch's record is ready
+    run_in_lr_find = False  # the LR finder's sweep has no epochs worth a table row
 
     def __init__(self, plot: bool = False, file: TextIO | None = None,
                  plot_path: str = "loss.png", refresh: float = 0.5) -> None:

@@ -166,3 +166,10 @@ def test_suggestions_on_a_synthetic_curve():
     assert math.log10(suggest_steep(lrs, losses)) == pytest.approx(-2.5, abs=0.1)
     valley = math.log10(suggest_valley(lrs, losses))
     assert -3.5 < valley < -1.5  # inside the descent, away from the flat start and the bottom
+    # Real curves are rougher: a spike from the first batches, noise on the plateau, a wiggle
+    # just before the minimum. The valley must not follow them.
+    rough = [v + 0.02 * math.sin(7 * i) for i, v in enumerate(losses)]
+    rough[0] += 0.5
+    rough[1] += 0.3
+    rough[low - 2] -= 0.05
+    assert -3.5 < math.log10(suggest_valley(lrs, rough)) < -1.5
