@@ -1,9 +1,12 @@
 """nanofit: a small, fast, hackable training loop for PyTorch."""
 from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
                        CancelFitException)
-from .callbacks import (BatchSchedCB, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
+from .callbacks import (ActivationStats, BatchSchedCB, HooksCallback, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
                         ParamScheduler, ProgressCB, Recorder, SingleBatchCB, SuggestedLRs, TrainCB,
                         def_device, to_cpu, to_device)
+from .hooks import Hook, Hooks, ModelSummary, model_summary
+from .init import GeneralRelu, init_weights, lsuv_init
+from .models import ResBlock, conv, resnet, simple_cnn
 from .data import DataLoaders, TensorLoader, collate_dict
 from .learner import Learner, MomentumLearner, TrainLearner
 from .optim import HPOptimizer, get_hyper, set_hyper
@@ -21,4 +24,6 @@ __all__ = [
     "HPOptimizer", "get_hyper", "set_hyper",
     "sched_lin", "sched_cos", "sched_exp", "sched_no", "combine_scheds", "one_cycle_scheds",
     "flat_cos_scheds", "lr_range",
+    "Hook", "Hooks", "HooksCallback", "ActivationStats", "ModelSummary", "model_summary",
+    "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
 ]

@@ -43,17 +43,21 @@ def demo_model():
                          nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
 
 
-def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path) -> float:
+def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
+             diagnose: bool = False) -> float:
     """Train the demo CNN on digits: lr_find (unless `lr` is given), then fit_one_cycle.
 
     Prints the epochs, saves loss.png, lr_find.png and schedule.png into `out`, and returns
-    the final validation accuracy.
+    the final validation accuracy. `diagnose` also records activation statistics of every
+    ReLU and saves stats.png, color_dim.png and dead_chart.png.
     """
     import torch
     import torch.nn.functional as F
     from torchmetrics.classification import MulticlassAccuracy
 
-    from . import DeviceCB, Learner, MetricsCB, ProgressCB, Recorder
+    from torch import nn
+
+    from . import ActivationStats, DeviceCB, Learner, MetricsCB, ProgressCB, Recorder
 
     torch.manual_seed(seed)
     dls = digits_dls(bs, seed)
@@ -67,8 +71,9 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path) -> fl
         suggestion = learn.lr_find(plot_path=str(out / "lr_find.png"))
         lr = suggestion.valley
         print(f"lr_find suggests {lr:.2e} (valley); curve: {out / 'lr_find.png'}")
+    stats = [ActivationStats(nn.ReLU)] if diagnose else []
     start = time.monotonic()
-    learn.fit_one_cycle(epochs, lr)
+    learn.fit_one_cycle(epochs, lr, cbs=stats)
     seconds = time.monotonic() - start
     learn.recorder.plot_loss(path=out / "loss.png")
     learn.recorder.plot_sched(path=out / "schedule.png")
@@ -76,6 +81,12 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path) -> fl
     print(f"validation accuracy {accuracy:.4f} after {epochs} epochs of fit_one_cycle "
           f"(lr_max {lr:.2e}) in {seconds:.1f}s")
     print(f"plots: {out / 'loss.png'}, {out / 'schedule.png'}")
+    if diagnose:
+        stats[0].plot_stats(path=out / "stats.png")
+        stats[0].color_dim(path=out / "color_dim.png")
+        stats[0].dead_chart(path=out / "dead_chart.png")
+        print(f"activation plots: {out / 'stats.png'}, {out / 'color_dim.png'}, "
+              f"{out / 'dead_chart.png'}")
     return accuracy
 
 
@@ -119,7 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--bs", type=_positive(int), default=64, help="batch size")
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", type=Path, default=Path("nanofit_demo"),
-                      help="folder for the loss plot (created if needed)")
+                      help="folder for the plots (created if needed)")
+    demo.add_argument("--diagnose", action="store_true",
+                      help="also record activation statistics and plot them")
     return parser
 
 
@@ -134,5 +147,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nanofit demo: error: cannot create --out folder {str(args.out)!r}: "
                   f"{e.strerror}", file=sys.stderr)
             return 2
-        run_demo(args.epochs, args.lr, args.bs, args.seed, args.out)
+        run_demo(args.epochs, args.lr, args.bs, args.seed, args.out, args.diagnose)
     return 0

@@ -375,6 +375,29 @@ class Learner:
             show_or_save(finder.plot(suggestions), plot_path)
         return suggestions
 
+    def summary(self, flops: bool = True) -> Any:
+        """A table of the model's leaf modules with output shapes, parameter counts and MFLOPs
+        per item, from one batch of `dls.valid` (or `dls.train`); leaves no trace."""
+        from .callbacks.core import to_device
+        from .hooks import model_summary
+        from .state import get_rng_state, loader_generators, set_rng_state
+
+        dl = getattr(self.dls, "valid", None) or getattr(self.dls, "train", None)
+        if dl is None:
+            raise ValueError("summary needs data to run one batch: pass dls to the Learner")
+        rng, gens = get_rng_state(), [(g, g.get_state()) for g in loader_generators(self.dls)]
+        try:
+            batch = next(iter(dl))  # a shuffling loader draws from its RNG: put it back after
+        finally:
+            set_rng_state(rng)
+            for g, state in gens:
+                g.set_state(state)
+        param = next(self.model.parameters(), None)
+        inputs = batch[: self.n_inp]
+        if param is not None:
+            inputs = to_device(inputs, param.device)
+        return model_summary(self.model, *inputs, flops=flops)
+
     # ---- the five steps: defaults that a callback or a subclass may replace -----------------
     def predict(self) -> None:
         """preds = model(*inputs), the inputs being the first `n_inp` items of the batch."""

@@ -33,6 +33,13 @@ def test_demo_flags_change_the_run(tmp_path):
     assert "lr_find" not in result.stdout and not (tmp_path / "o" / "lr_find.png").exists()
 
 
+def test_demo_diagnose_writes_activation_plots(tmp_path):
+    result = run("demo", "--epochs", "1", "--lr", "0.05", "--diagnose", "--out", "d", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("stats.png", "color_dim.png", "dead_chart.png"):
+        assert (tmp_path / "d" / name).read_bytes()[:4] == b"\x89PNG", name
+
+
 def test_bad_flags_give_one_line_and_no_traceback(tmp_path):
     for args in (["demo", "--epochs", "0"], ["demo", "--lr", "abc"], ["demo", "--nope"], ["bogus"],
                  ["demo", "--seed", "99999999999999999999"], ["demo", "--bs", "1.5"]):

@@ -1,0 +1,87 @@
+"""Hook, Hooks, module selection and the model summary."""
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanofit import Hook, Hooks, Learner, model_summary, resnet, simple_cnn
+from nanofit.hooks import select_modules
+from tests.helpers import make_dls
+
+
+def test_hook_calls_fn_and_removes():
+    lin = nn.Linear(3, 2)
+    calls = []
+    hook = Hook(lin, lambda h, m, i, o: calls.append((h, m, i[0].shape, o.shape)))
+    lin(torch.zeros(4, 3))
+    assert calls == [(hook, lin, (4, 3), (4, 2))]
+    hook.remove()
+    hook.remove()  # twice is fine
+    lin(torch.zeros(4, 3))
+    assert len(calls) == 1 and not lin._forward_hooks
+
+
+def test_hook_as_context_manager_and_garbage_collected():
+    lin = nn.Linear(3, 2)
+    with Hook(lin, lambda *a: None):
+        assert len(lin._forward_hooks) == 1
+    assert not lin._forward_hooks
+    hook = Hook(lin, lambda *a: None)
+    assert len(lin._forward_hooks) == 1
+    del hook
+    gc.collect()
+    assert not lin._forward_hooks
+
+
+def test_hooks_sequence():
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1))
+    seen = []
+    with Hooks([model[0], model[2]], lambda h, m, i, o: seen.append(m)) as hooks:
+        assert len(hooks) == 2 and hooks[1].module is model[2]
+        assert [h.module for h in hooks] == [model[0], model[2]]
+        model(torch.zeros(2, 3))
+    assert seen == [model[0], model[2]]
+    assert not model[0]._forward_hooks and not model[2]._forward_hooks
+
+
+def test_select_modules():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 1)))
+    assert select_modules(model, nn.Linear) == [model[0], model[1][1]]
+    assert select_modules(model, (nn.ReLU, nn.Linear)) == [model[0], model[1][0], model[1][1]]
+    assert select_modules(model, lambda m: isinstance(m, nn.ReLU)) == [model[1][0]]
+    assert select_modules(model) == [model[0], model[1][0], model[1][1]]  # leaves
+    with pytest.raises(TypeError, match="mod_filter must be"):
+        select_modules(model, "Linear")
+
+
+def test_summary_shapes_and_parameter_counts():
+    model = simple_cnn(1, 10, nfs=(4, 8))
+    summary = model_summary(model, torch.zeros(2, 1, 16, 16))
+    shapes = [r["output_shape"] for r in summary.rows]
+    assert shapes[0] == (2, 4, 8, 8) and shapes[3] == (2, 8, 4, 4) and shapes[-1] == (2, 10)
+    assert sum(r["params"] for r in summary.rows) == sum(p.numel() for p in model.parameters())
+    assert summary.total_params == sum(p.numel() for p in model.parameters())
+    conv0 = summary.rows[0]
+    assert conv0["mflops"] == pytest.approx(4 * 1 * 5 * 5 * 8 * 8 / 1e6)
+    text = str(summary)
+    assert "0.0 (Conv2d)" in text and "(2, 10)" in text and "MFLOPs" in text
+    assert "MFLOPs" not in str(model_summary(model, torch.zeros(2, 1, 16, 16), flops=False))
+
+
+def test_learner_summary_leaves_model_and_rng_alone():
+    x = torch.randn(32, 1, 8, 8)
+    y = torch.randint(0, 10, (32,))
+    from nanofit import DataLoaders, TensorLoader
+
+    dls = DataLoaders(TensorLoader((x, y), 8, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    model = resnet(1, 10, nfs=(4, 8))
+    learn = Learner(model, dls, F.cross_entropy)
+    running = model[0].convs[0][1].running_mean.clone()
+    gen_state = dls.train.generator.get_state()
+    summary = learn.summary()
+    assert summary.rows[-1]["output_shape"] == (8, 10)
+    assert torch.equal(running, model[0].convs[0][1].running_mean)
+    assert torch.equal(gen_state, dls.train.generator.get_state())
+    assert model.training

@@ -1,0 +1,41 @@
+"""Model blocks: conv, ResBlock, simple_cnn, resnet."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchmetrics.classification import MulticlassAccuracy
+
+from nanofit import Learner, MetricsCB, ResBlock, conv, resnet, simple_cnn
+from nanofit.cli import digits_dls
+
+
+def test_conv_layers_and_bias_default():
+    c = conv(3, 8, ks=3, stride=2, norm=nn.BatchNorm2d)
+    assert [type(m) for m in c] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert c[0].bias is None and c[0].padding == (1, 1)
+    plain = conv(3, 8, act=None)
+    assert len(plain) == 1 and plain[0].bias is not None
+    assert c(torch.zeros(2, 3, 9, 9)).shape == (2, 8, 5, 5)
+
+
+def test_resblock_shapes_and_shortcut():
+    same = ResBlock(8, 8)
+    assert isinstance(same.idconv, nn.Identity) and isinstance(same.pool, nn.Identity)
+    assert same(torch.randn(2, 8, 6, 6)).shape == (2, 8, 6, 6)
+    down = ResBlock(8, 16, stride=2, norm=nn.BatchNorm2d)
+    assert down(torch.randn(2, 8, 7, 7)).shape == (2, 16, 4, 4)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        for p in same.convs.parameters():
+            p.zero_()
+    assert torch.equal(same(x), F.relu(x))  # zero convs: the block is the shortcut
+
+
+def test_builders_train_on_digits():
+    for model in (simple_cnn(1, 10, nfs=(8, 16, 32)), resnet(1, 10, nfs=(8, 16))):
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+        torch.manual_seed(0)
+        metrics = MetricsCB(acc=MulticlassAccuracy(10, average="micro"))
+        learn = Learner(model, digits_dls(64, 0), F.cross_entropy, cbs=[metrics])
+        learn.fit_one_cycle(3, 0.1)
+        assert metrics.history[-1]["acc"] > 0.8, type(model[0]).__name__
