@@ -264,17 +264,25 @@ class Learner:
             set_hyper(self.opt, "lr", lr)
 
     # ---- fine-tuning --------------------------------------------------------------------------
-    def freeze_to(self, n: int) -> None:
-        """Freeze the parameter groups before group `n` (negative counts from the end)."""
+    def freeze_to(self, n: int, train_bn: bool = True) -> None:
+        """Freeze the parameter groups before group `n` (negative counts from the end).
+
+        With `train_bn` (fastai's default), batchnorm layers stay trainable everywhere: their
+        statistics must adapt to the new data even in a frozen body.
+        """
         groups = self.splits()
         trainable = set(range(len(groups))[n:])
         for i, group in enumerate(groups):
             for p in group:
                 p.requires_grad_(i in trainable)
+        if train_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._NormBase):
+                    m.requires_grad_(True)
 
-    def freeze(self) -> None:
+    def freeze(self, train_bn: bool = True) -> None:
         """Freeze all parameter groups but the last (the head), as in fastai."""
-        self.freeze_to(-1)
+        self.freeze_to(-1, train_bn)
 
     def unfreeze(self) -> None:
         """Make every parameter group trainable."""
@@ -288,8 +296,9 @@ class Learner:
         """Fit with the 1cycle policy: lr warms up from lr_max/div to lr_max (cosine) over
         `pct_start` of training, then anneals to lr_max/div_final; momentum moves inversely.
 
-        `lr_max` may be a list, one per param group; `moms=None`, or an optimizer without
-        momentum, leaves momentum alone; `wd` sets weight decay for the run.
+        `lr_max` may be a list, one per param group. Momentum is scheduled when the optimizer
+        uses it (SGD/RMSprop with momentum > 0, the Adam family); `moms=None` leaves it alone.
+        `wd` sets weight decay for the run.
         """
         from .schedule import one_cycle_scheds
 
@@ -320,14 +329,19 @@ class Learner:
         from .schedule import sched_no
 
         self._prepare_opt(None)
-        hypers = self.opt.hypers if self.opt is not None else []
-        if "mom" in scheds and "mom" not in hypers:
-            del scheds["mom"]  # e.g. Adagrad: nothing to schedule
+        if "mom" in scheds and not self._uses_momentum():
+            del scheds["mom"]  # plain SGD, Adagrad...: momentum is not switched on behind your back
         if len(scheds["lr"]) == 1:
             scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
         if wd is not None:
             scheds["wd"] = sched_no(wd, wd)
         self.fit(n_epochs, cbs=[ParamScheduler(**scheds), *(cbs or ())])
+
+    def _uses_momentum(self) -> bool:
+        if self.opt is None or "mom" not in self.opt.hypers:
+            return False
+        mom = self.opt.mom
+        return any(m > 0 for m in (mom if isinstance(mom, list) else [mom]))
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
@@ -363,7 +377,8 @@ class Learner:
 
         finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
         self._check_fit_args(1, True, False, None)
-        n_batches = len(self.dls.train)
+        # Enough epochs to reach num_it batches; the finder cancels the fit when done.
+        n_batches = len(self.dls.train) if hasattr(self.dls.train, "__len__") else 1
         with preserve_state(self):
             self.cbs[:] = [cb for cb in self.cbs if getattr(cb, "run_in_lr_find", True)]
             self.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])

@@ -13,11 +13,13 @@ __all__ = ["get_rng_state", "set_rng_state", "loader_generators", "preserve_stat
 
 
 def get_rng_state() -> dict[str, Any]:
-    """The states of Python's, NumPy's and torch's (CPU and, if started, CUDA) global RNGs."""
+    """The states of Python's, NumPy's and torch's (CPU, CUDA, MPS) global RNGs."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.random.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -28,6 +30,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 def loader_generators(dls: Any) -> list[torch.Generator]:
@@ -52,13 +56,16 @@ def loader_generators(dls: Any) -> list[torch.Generator]:
 def preserve_state(learn: Any) -> Iterator[None]:
     """Run the block, then put the learner back exactly as it was, whatever the block did.
 
-    Restores model weights and buffers, train/eval mode, `requires_grad` flags and gradients,
+    Restores model parameters and buffers (values, devices, dtypes), train/eval mode, `requires_grad` flags and gradients,
     the optimizer (or its absence) with its state and hyper-parameters, the callbacks list and
     the state of each callback with `state_dict()`/`load_state_dict()`, the learner's loop
     attributes, every global RNG and the data loaders' generators. All in memory.
     """
     model = learn.model
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # Every parameter and buffer (non-persistent ones too), with its device and dtype.
+    params = [(p, p.detach().clone()) for p in model.parameters()]
+    buffers = [(m, name, b.detach().clone()) for m in model.modules()
+               for name, b in m.named_buffers(recurse=False)]
     modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
@@ -71,11 +78,14 @@ def preserve_state(learn: Any) -> Iterator[None]:
                                             "batch", "preds", "loss")}
     rng = get_rng_state()
     gens = [(g, g.get_state()) for g in loader_generators(learn.dls)]
+    idle_loaders = [dl for dl in _loaders(learn.dls) if getattr(dl, "_iterator", "") is None]
     try:
         yield
     finally:
-        with torch.no_grad():
-            model.load_state_dict(weights)
+        for p, saved in params:
+            p.data = saved
+        for m, name, saved in buffers:
+            m._buffers[name] = saved
         for m, mode in zip(model.modules(), modes):
             m.training = mode
         for p, flag, grad in zip(model.parameters(), flags, grads):
@@ -93,3 +103,19 @@ def preserve_state(learn: Any) -> Iterator[None]:
         set_rng_state(rng)
         for g, s in gens:
             g.set_state(s)
+        for dl in idle_loaders:  # persistent workers started meanwhile carry RNG state: stop them
+            _stop_workers(dl)
+
+
+def _loaders(dls: Any) -> list[Any]:
+    return [dl for dl in (getattr(dls, "train", None), getattr(dls, "valid", None)) if dl is not None]
+
+
+def _stop_workers(dl: Any) -> None:
+    """Shut down a torch DataLoader's persistent worker processes, as if never iterated."""
+    iterator = getattr(dl, "_iterator", None)
+    if iterator is not None:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        dl._iterator = None

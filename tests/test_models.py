@@ -1,4 +1,6 @@
 """Model blocks: conv, ResBlock, simple_cnn, resnet."""
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,7 @@ def test_builders_train_on_digits():
         assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
         torch.manual_seed(0)
         metrics = MetricsCB(acc=MulticlassAccuracy(10, average="micro"))
-        learn = Learner(model, digits_dls(64, 0), F.cross_entropy, cbs=[metrics])
+        learn = Learner(model, digits_dls(64, 0), F.cross_entropy, cbs=[metrics],
+                        opt_func=partial(torch.optim.SGD, momentum=0.9))
         learn.fit_one_cycle(3, 0.1)
         assert metrics.history[-1]["acc"] > 0.8, type(model[0]).__name__

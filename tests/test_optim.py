@@ -117,3 +117,14 @@ def test_fine_tune_trains_head_first_then_all_with_discriminative_rates():
     assert watch.flags == [[False, False, True, True], [True] * 4]
     assert watch.lrs[1][1] / watch.lrs[1][0] == pytest.approx(100)  # lr_mult spreads the rates
     assert not torch.equal(body, learn.model[0].weight)
+
+
+def test_freeze_keeps_batchnorm_trainable_unless_asked():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    split = lambda m: [list(m[0].parameters()) + list(m[1].parameters()), list(m[2].parameters())]  # noqa: E731
+    learn = Learner(model, make_dls(), F.cross_entropy, splitter=split)
+    learn.freeze()
+    assert not model[0].weight.requires_grad and model[1].weight.requires_grad
+    assert model[2].weight.requires_grad
+    learn.freeze(train_bn=False)
+    assert not model[1].weight.requires_grad and not model[1].bias.requires_grad

@@ -110,15 +110,18 @@ class LRFinderCB(Callback):
         unknown = [n for n in names if n not in SUGGESTIONS]
         if unknown:
             raise ValueError(f"unknown lr_find suggestion {unknown}; choose from {list(SUGGESTIONS)}")
-        pairs = [(lr, loss) for lr, loss in zip(self.lrs, self.losses) if math.isfinite(loss)]
-        if len(pairs) < 2:
-            raise ValueError(f"lr_find recorded {len(pairs)} finite losses, too few to suggest a "
-                             "learning rate; lower start_lr or check the data and loss")
-        # Past the point of divergence the curve says nothing about good rates: cut it there.
-        best = min(range(len(pairs)), key=lambda i: pairs[i][1])
-        cut = next((i for i in range(best, len(pairs)) if pairs[i][1] > 4 * pairs[best][1]),
-                   len(pairs))
-        lrs, losses = [p[0] for p in pairs[:cut]], [p[1] for p in pairs[:cut]]
+        # The curve up to where it diverges (the stop_div rule: not finite, or above 4x the
+        # lowest loss so far): beyond that it says nothing about good rates.
+        lrs, losses, lowest = [], [], math.inf
+        for lr, loss in zip(self.lrs, self.losses):
+            if not math.isfinite(loss) or loss > 4 * lowest:
+                break
+            lrs.append(lr)
+            losses.append(loss)
+            lowest = min(lowest, loss)
+        if len(lrs) < 2:
+            raise ValueError(f"lr_find recorded {len(lrs)} usable losses, too few to suggest a "
+                             "learning rate; lower start_lr, raise num_it, or check the data and loss")
         return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in names})
 
     def plot(self, suggestions: SuggestedLRs | None = None, path: str | None = None):

@@ -172,8 +172,9 @@ class Recorder(Callback):
     """Records the loss and the hyper-parameters of every training batch, for plots.
 
     `hps` names the hyper-parameters to record (default: all of lr, mom, wd, beta that the
-    optimizer has), read from its last param group. Losses stay on the device and are copied
-    to the host a few hundred at a time.
+    optimizer has), read from its last param group (the head, as in fastai) at the end of each
+    training batch: the values its step used. `valid_losses` needs a MetricsCB. Losses stay on
+    the device and are copied to the host a few hundred at a time.
     """
 
     order = 60  # after MetricsCB, so the validation loss of the phase is ready
@@ -208,7 +209,8 @@ class Recorder(Callback):
         self._pending.append(learn.loss.detach())
         group = learn.opt.param_groups[-1]
         for values, get in self._getters:
-            values.append(get(group))
+            v = get(group)
+            values.append(v.detach().clone() if isinstance(v, torch.Tensor) else v)
         if len(self._pending) >= self.sync_every:
             self._sync()
 

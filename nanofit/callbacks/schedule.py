@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ..learner import Callback
 from ..optim import HPOptimizer, hyper_access
 from ..schedule import Schedule
@@ -38,23 +40,28 @@ class ParamScheduler(Callback):
         if not hasattr(learn.dls.train, "__len__"):
             raise ValueError("ParamScheduler needs a training loader with a length (len(dl)) "
                              "to know how far through training each batch is")
-        groups = learn.opt.param_groups
-        self._plan = []  # (schedules, put) resolved once, not per batch
+        n_groups = len(learn.opt.param_groups)
+        self._plan = []  # (one schedule or a list per group, put), resolved once, not per batch
         for name, sched in self.scheds.items():
             _, put = hyper_access(learn.opt, name)
-            funcs = list(sched) if isinstance(sched, (list, tuple)) else [sched] * len(groups)
-            if len(funcs) != len(groups):
-                raise ValueError(f"ParamScheduler: {len(funcs)} schedules for {name!r} but the "
-                                 f"optimizer has {len(groups)} param groups")
-            self._plan.append((funcs, put))
+            if isinstance(sched, (list, tuple)) and len(sched) != n_groups:
+                raise ValueError(f"ParamScheduler: {len(sched)} schedules for {name!r} but the "
+                                 f"optimizer has {n_groups} param groups")
+            self._plan.append((sched, put))
 
     def before_batch(self, learn: Any) -> None:
         if not learn.training:
             return
         pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
-        for funcs, put in self._plan:
-            for group, f in zip(learn.opt.param_groups, funcs):
-                put(group, f(pos))
+        groups = learn.opt.param_groups
+        for sched, put in self._plan:
+            if isinstance(sched, (list, tuple)):
+                for group, f in zip(groups, sched):
+                    put(group, f(pos))
+            else:
+                value = sched(pos)  # once, whatever the number of groups
+                for group in groups:
+                    put(group, value)
 
 
 def _torch_optimizer(learn: Any) -> Any:
@@ -63,7 +70,7 @@ def _torch_optimizer(learn: Any) -> Any:
 
 
 class _TorchSchedCB(Callback):
-    order = 10
+    order = 65  # steps after the Recorder (60) has read the rate this batch/epoch used
     run_in_lr_find = False
 
     def __init__(self, sched: Callable[[Any], Any] | Any) -> None:
@@ -88,16 +95,38 @@ class BatchSchedCB(_TorchSchedCB):
     `BatchSchedCB(partial(OneCycleLR, max_lr=0.1, total_steps=len(dls.train) * epochs))`
     """
 
-    def after_step(self, learn: Any) -> None:
-        self.scheduler.step()
+    def after_batch(self, learn: Any) -> None:
+        if learn.training:
+            self.scheduler.step()
 
 
 class EpochSchedCB(_TorchSchedCB):
-    """Steps a torch lr scheduler after every training phase (epoch).
+    """Steps a torch lr scheduler once per epoch: after the training phase, or, for
+    `ReduceLROnPlateau`, after the validation phase with the MetricsCB value `monitor`.
 
-    `EpochSchedCB(partial(StepLR, step_size=2, gamma=0.5))`
+    `EpochSchedCB(partial(StepLR, step_size=2, gamma=0.5))`,
+    `EpochSchedCB(partial(ReduceLROnPlateau, patience=2), monitor="loss")`
     """
 
+    def __init__(self, sched: Callable[[Any], Any] | Any, monitor: str = "loss") -> None:
+        super().__init__(sched)
+        self.monitor = monitor
+
+    def before_fit(self, learn: Any) -> None:
+        super().before_fit(learn)
+        self.on_metric = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.on_metric and getattr(learn, "metrics", None) not in learn.cbs:
+            raise ValueError("EpochSchedCB with ReduceLROnPlateau steps on a validation metric: "
+                             f"add a MetricsCB to cbs (monitor={self.monitor!r})")
+
     def after_epoch(self, learn: Any) -> None:
-        if learn.training:
-            self.scheduler.step()
+        if not self.on_metric:
+            if learn.training:
+                self.scheduler.step()
+            return
+        record = learn.metrics.history[-1]
+        if record["train"] == "eval":
+            if self.monitor not in record:
+                raise ValueError(f"EpochSchedCB: monitor={self.monitor!r} is not among the "
+                                 f"metrics {[k for k in record if k not in ('epoch', 'train')]}")
+            self.scheduler.step(record[self.monitor])

@@ -142,7 +142,9 @@ def test_lr_find_returns_suggestions_and_saves_the_plot(tmp_path):
     learn = make_learner()
     path = tmp_path / "lr_find.png"
     s = learn.lr_find(num_it=40, suggest=("valley", "minimum", "steep"), plot_path=str(path))
-    assert all(1e-8 <= v <= 10 for v in (s.valley, s.minimum, s.steep))  # minimum: lr / 10
+    finder = learn.lr_finder
+    assert s.minimum == pytest.approx(finder.lrs[finder.losses.index(min(finder.losses))] / 10)
+    assert finder.lrs[0] <= s.valley <= finder.lrs[-1] and finder.lrs[0] <= s.steep <= finder.lrs[-1]
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert learn.lr_find(num_it=10, plot=False).minimum is None
     with pytest.raises(ValueError, match="unknown lr_find suggestion"):
@@ -173,3 +175,98 @@ def test_suggestions_on_a_synthetic_curve():
     rough[1] += 0.3
     rough[low - 2] -= 0.05
     assert -3.5 < math.log10(suggest_valley(lrs, rough)) < -1.5
+
+
+class WithBuffer(nn.Module):
+    """BatchNorm, dropout and a non-persistent buffer that counts forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2))
+        self.head = nn.Linear(16, 3)
+        self.register_buffer("forwards", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        self.forwards += 1
+        return self.head(self.body(x))
+
+
+class ToDouble(Callback):
+    """Changes the model's dtype at before_fit (as a device or precision callback might)."""
+
+    def before_fit(self, learn):
+        learn.model.double()
+
+    def before_batch(self, learn):
+        learn.batch = tuple(t.double() if t.is_floating_point() else t for t in learn.batch)
+
+
+def torch_dataloader_learner(workers=0, seed=0):
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    ds = TensorDataset(x, y)
+    train = DataLoader(ds, batch_size=8, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(2)),
+                       num_workers=workers, persistent_workers=workers > 0)
+    torch.manual_seed(seed)
+    return Learner(WithBuffer(), DataLoaders(train, DataLoader(ds, batch_size=16)), F.cross_entropy,
+                   lr=[1e-3, 1e-2], opt_func=torch.optim.Adam,
+                   splitter=lambda m: [list(m.body.parameters()), list(m.head.parameters())])
+
+
+def test_no_trace_with_adam_state_sampler_splitter_buffers_and_dtype(tmp_path):
+    learn = torch_dataloader_learner()
+    learn.fit(1)  # Adam state exists
+    learn.freeze()
+    sampler_gen = learn.dls.train.sampler.generator
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    forwards = learn.model.forwards.clone()
+    dtypes = {p.dtype for p in learn.model.parameters()}
+    opt_state = {i: {k: v.clone() for k, v in s.items()} for i, s in learn.opt.state_dict()["state"].items()}
+    flags = [p.requires_grad for p in learn.model.parameters()]
+    gen_state, rng = sampler_gen.get_state(), torch.random.get_rng_state()
+    learn.lr_find(num_it=12, plot=False, suggest=("valley",))
+    learn.lr_find(num_it=12, plot=False, suggest=("valley",))  # twice
+    after = learn.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {p.dtype for p in learn.model.parameters()} == dtypes
+    assert torch.equal(forwards, learn.model.forwards)  # a non-persistent buffer
+    new_state = learn.opt.state_dict()["state"]
+    assert all(torch.equal(opt_state[i][k], new_state[i][k]) for i in opt_state for k in opt_state[i])
+    assert learn.opt.lr == [1e-3, 1e-2]
+    assert [p.requires_grad for p in learn.model.parameters()] == flags
+    assert torch.equal(gen_state, sampler_gen.get_state()) and torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_no_trace_when_a_callback_changes_the_dtype():
+    learn = Learner(WithBuffer(), shuffled_dls(), F.cross_entropy, cbs=[ToDouble()])
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    learn.lr_find(num_it=10, plot=False)
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+    assert learn.opt is None
+
+
+def test_lr_find_then_fit_equals_fit_alone_with_persistent_workers():
+    plain = torch_dataloader_learner(workers=1)
+    plain.fit(2)
+    found = torch_dataloader_learner(workers=1)
+    found.lr_find(num_it=10, plot=False)
+    found.fit(2)
+    a, b = plain.model.state_dict(), found.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_suggest_ignores_nan_and_the_curve_after_divergence():
+    from nanofit import LRFinderCB
+
+    finder = LRFinderCB(num_it=10)
+    finder.lrs = [10.0 ** e for e in range(-6, 4)]
+    finder.losses = [2.0, 2.0, 1.8, 1.2, 0.8, 0.5, 9.0, 0.1, float("nan"), float("inf")]
+    s = finder.suggest(("minimum", "valley", "steep"))
+    assert s.minimum == pytest.approx(1e-1 / 10)  # 0.1 at lr 1e1 lies past the 4x blow-up at 1e0
+    assert 1e-5 <= s.valley <= 1e-1 and 1e-5 <= s.steep <= 1e-1
+    finder.losses = [float("nan")] * 10
+    with pytest.raises(ValueError, match="too few to suggest"):
+        finder.suggest()

@@ -41,7 +41,8 @@ def one_cycle_mom(pos, moms=(0.95, 0.85, 0.95), pct=0.25):
 def test_one_cycle_lr_and_momentum_follow_the_formulas():
     dls = make_dls(n_train=80, n_valid=16, bs=8)  # 10 training batches an epoch
     rec, watch = Recorder("lr", "mom"), GroupLRs()
-    learn = Learner(make_model(), dls, F.cross_entropy, cbs=[rec, watch])
+    learn = Learner(make_model(), dls, F.cross_entropy, cbs=[rec, watch],
+                    opt_func=partial(torch.optim.SGD, momentum=0.9))
     learn.fit_one_cycle(2, lr_max=0.4)
     positions = [(epoch + i / 10) / 2 for epoch in range(2) for i in range(10)]
     assert rec.lrs == pytest.approx([one_cycle_lr(p, 0.4) for p in positions])
@@ -65,9 +66,13 @@ def test_one_cycle_per_param_group_and_weight_decay():
     assert learn.opt.wd == 0.05
 
 
-def test_one_cycle_without_momentum_support_and_fit_flat_cos():
-    learn = Learner(make_model(), make_dls(n_train=80), F.cross_entropy, opt_func=torch.optim.Adagrad)
-    learn.fit_one_cycle(1, lr_max=0.1)  # Adagrad has no momentum: only the lr is scheduled
+def test_one_cycle_leaves_optimizers_without_momentum_alone_and_fit_flat_cos():
+    for opt_func in (torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop):
+        learn = Learner(make_model(), make_dls(n_train=80), F.cross_entropy, opt_func=opt_func)
+        learn.fit(1)  # optimizer state exists already (RMSprop made no momentum buffers)
+        learn.fit_one_cycle(1, lr_max=0.1)
+        if opt_func is not torch.optim.Adagrad:
+            assert learn.opt.mom == 0  # not switched on behind the user's back
     rec = Recorder("lr")
     learn = Learner(make_model(), make_dls(n_train=80, bs=8), F.cross_entropy, cbs=[rec])
     learn.fit_flat_cos(1, lr=0.2, pct_start=0.5)
@@ -90,7 +95,11 @@ def test_torch_scheduler_per_batch_and_per_epoch():
     learn = Learner(make_model(), make_dls(n_train=32, bs=8), F.cross_entropy, lr=1.0, cbs=[watch])
     learn.fit(2, cbs=[BatchSchedCB(partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))])
     train_lrs = [r[1][0] for r in watch.rows if r[0]]
-    assert train_lrs == pytest.approx([0.5 ** (k + 1) for k in range(8)])  # read after each step
+    assert train_lrs == pytest.approx([0.5 ** (k + 1) for k in range(8)])  # read after stepping
+    rec = Recorder("lr")
+    learn = Learner(make_model(), make_dls(n_train=32, bs=8), F.cross_entropy, lr=1.0, cbs=[rec])
+    learn.fit(1, cbs=[BatchSchedCB(partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))])
+    assert rec.lrs == pytest.approx([1.0, 0.5, 0.25, 0.125])  # the rate each step used
 
     for make_sched in ("factory", "instance"):
         watch = GroupLRs()
@@ -110,9 +119,41 @@ def test_torch_scheduler_per_batch_and_per_epoch():
 
 def test_plot_sched_renders_png(tmp_path):
     rec = Recorder()
-    learn = Learner(make_model(), make_dls(n_train=80), F.cross_entropy, cbs=[rec])
+    learn = Learner(make_model(), make_dls(n_train=80), F.cross_entropy, cbs=[rec],
+                    opt_func=partial(torch.optim.SGD, momentum=0.9))
     learn.fit_one_cycle(1, 0.1)
     assert set(rec.hps) == {"lr", "mom", "wd"}
     fig = rec.plot_sched(path=tmp_path / "sched.png")
     assert len(fig.axes) == 3
     assert (tmp_path / "sched.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reduce_lr_on_plateau_steps_on_the_validation_metric():
+    from nanofit import MetricsCB
+
+    class Worse:
+        """A metric that gets worse every epoch, so the plateau scheduler must cut the lr."""
+
+        def __init__(self):
+            self.calls = 0
+
+        def reset(self):
+            pass
+
+        def update(self, preds, targ):
+            pass
+
+        def compute(self):
+            self.calls += 1
+            return float(self.calls)
+
+    watch = GroupLRs()
+    learn = Learner(make_model(), make_dls(n_train=16, bs=8), F.cross_entropy, lr=1.0,
+                    cbs=[watch, MetricsCB(worse=Worse())])
+    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", patience=0, factor=0.5)
+    learn.fit(3, cbs=[EpochSchedCB(plateau, monitor="worse")])
+    per_epoch = [r[1][0] for r in watch.rows if r[0]][::2]
+    assert per_epoch == pytest.approx([1.0, 1.0, 0.5])  # epoch 0 sets the best, epoch 1 is worse
+    learn2 = Learner(make_model(), make_dls(), F.cross_entropy)
+    with pytest.raises(ValueError, match="add a MetricsCB"):
+        learn2.fit(1, cbs=[EpochSchedCB(plateau)])
