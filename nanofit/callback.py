@@ -6,7 +6,7 @@ import warnings
 from typing import Any, Callable
 
 __all__ = ["Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
-           "EVENTS", "STEPS", "STAGES", "PREDICT_STEPS", "TRAIN_STEPS", "check_callback", "note_origin", "where"]
+           "EVENTS", "STEPS", "STAGES", "PREDICT_STEPS", "TRAIN_STEPS", "check_callback", "note_origin", "where", "as_cbs"]
 
 
 class CancelFitException(Exception):
@@ -86,3 +86,12 @@ def check_callback(cb: Any) -> None:
         if close:
             warnings.warn(f"{type(cb).__name__}.{name} matches no event and will never run; "
                           f"did you mean {close[0]!r}?", UserWarning, stacklevel=4)
+
+
+def as_cbs(cbs: Any) -> list[Any]:
+    """Callbacks as a list: None gives [], a single callback gives [it]."""
+    if cbs is None:
+        return []
+    if isinstance(cbs, type) or hasattr(cbs, "order"):
+        return [cbs]
+    return list(cbs)

@@ -51,16 +51,24 @@ class TensorLoader:
         return math.ceil(self.n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        bs, ts, n_batches = self.batch_size, self.tensors, len(self)
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """A pass that begins at batch `start`: the order is drawn as for a whole pass (now,
+        not at the first batch), and the skipped batches are never gathered."""
         if not self.shuffle:
-            for i in range(0, n_batches * bs, bs):
-                yield tuple(t[i: i + bs] for t in ts)
-            return
+            return self._batches(None, start)
         self.perm = torch.randperm(self.n, generator=self.generator)
-        perm = self.perm.to(ts[0].device)
-        for i in range(0, n_batches * bs, bs):
-            idx = perm[i: i + bs]
-            yield tuple(t.index_select(0, idx) for t in ts)
+        return self._batches(self.perm.to(self.tensors[0].device), start)
+
+    def _batches(self, perm: torch.Tensor | None, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        bs, ts = self.batch_size, self.tensors
+        for i in range(start * bs, len(self) * bs, bs):
+            if perm is None:
+                yield tuple(t[i: i + bs] for t in ts)
+            else:
+                idx = perm[i: i + bs]
+                yield tuple(t.index_select(0, idx) for t in ts)
 
     def __repr__(self) -> str:
         shapes = ", ".join(str(tuple(t.shape)) for t in self.tensors)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["Hook", "Hooks", "select_modules", "ModelSummary", "model_summary"]
+__all__ = ["Hook", "Hooks", "select_modules", "ModelSummary", "model_summary", "learner_summary"]
 
 HookFunc = Callable[["Hook", nn.Module, tuple, Any], None]
 
@@ -162,3 +162,25 @@ def model_summary(model: nn.Module, *inputs: Any, flops: bool = True) -> ModelSu
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelSummary(rows, total, trainable, flops)
+
+
+def learner_summary(learn: Any, flops: bool = True) -> ModelSummary:
+    """`learn.summary`: `model_summary` on one batch of the learner's data, leaving no trace."""
+    from .callbacks.core import to_device
+    from .state import get_rng_state, loader_generators, set_rng_state
+
+    dl = getattr(learn.dls, "valid", None) or getattr(learn.dls, "train", None)
+    if dl is None:
+        raise ValueError("summary needs data to run one batch: pass dls to the Learner")
+    rng, gens = get_rng_state(), [(g, g.get_state()) for g in loader_generators(learn.dls)]
+    try:
+        batch = next(iter(dl))  # a shuffling loader draws from its RNG: put it back after
+    finally:
+        set_rng_state(rng)
+        for g, state in gens:
+            g.set_state(state)
+    param = next(learn.model.parameters(), None)
+    inputs = batch[: learn.n_inp]
+    if param is not None:
+        inputs = to_device(inputs, param.device)
+    return model_summary(learn.model, *inputs, flops=flops)

@@ -5,8 +5,8 @@ training (metrics, progress bars, schedules, devices, ...) is a callback in `nan
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterable, Sequence
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,9 @@ from torch import nn
 
 from .callback import (EVENTS, PREDICT_STEPS, STAGES, STEPS, TRAIN_STEPS, Callback,
                        CancelBatchException, CancelEpochException, CancelFitException,
-                       check_callback, note_origin, where)
-from .optim import HPOptimizer, set_hyper
+                       as_cbs, check_callback, note_origin, where)
+from .checkpoint import capture_rng
+from .optim import HPOptimizer, check_lr, freeze_to, set_hyper
 
 __all__ = [
     "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
@@ -48,6 +49,12 @@ class Learner:
         self.cbs: list[Any] = []
         self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
         self.dl: Any = None
+        self.fitting = self.phase_done = self.run_valid = False
+        self.n_iter_train = 0
+        self.epoch_rng: dict | None = None
+        self.valid_rng: dict | None = None
+        self.resume_rng: dict | None = None
+        self.resume_cb_states: dict | None = None
         self.batch: Any = None
         self.preds: Any = None
         self.loss: Any = None
@@ -154,30 +161,55 @@ class Learner:
             finally:  # a batch cancelled after backward must not leak its gradients into the next
                 run("zero_grad")
 
-    def _do_epoch(self) -> None:
-        for self.iter, self.batch in enumerate(self.dl):
-            self._with_events("batch", self._do_batch)
+    def _do_epoch(self, start: int) -> None:
+        if start:  # resuming mid-epoch: the original order, minus the batches already done
+            from .checkpoint import resume_batches
 
-    def one_epoch(self, train: bool) -> None:
-        """Run one phase (training or validation) over `dls.train` or `dls.valid`."""
+            batches = resume_batches(self, self.dl, start)
+        else:
+            batches = iter(self.dl)
+            batches = check_first_batch(batches, "train" if self.training else "valid")
+        for self.iter, self.batch in enumerate(batches, start):
+            self._with_events("batch", self._do_batch)
+        self.phase_done = True  # read by checkpoints saved in after_epoch
+
+    def one_epoch(self, train: bool, start: int = 0) -> None:
+        """Run one phase (training or validation) over `dls.train` or `dls.valid`, from batch
+        `start` (a resumed epoch)."""
         self.model.train(train)
         self.dl = self.dls.train if train else self.dls.valid
         self.n_iter = len(self.dl) if hasattr(self.dl, "__len__") else 0
-        self._with_events("epoch", self._do_epoch)
+        self.phase_done = False
+        if train:
+            self.n_iter_train = self.n_iter
+            if not start:  # once per epoch: lets a checkpoint mid-epoch replay this epoch's order
+                self.epoch_rng = capture_rng(self.dls)
+        else:
+            self.valid_rng = capture_rng(self.dls)
+        self._with_events("epoch", lambda: self._do_epoch(start))
 
-    def _do_fit(self, train: bool, valid: bool) -> None:
-        for self.epoch in range(self.n_epochs):
-            if train:
-                self.one_epoch(True)
+    def _do_fit(self, train: bool, valid: bool, ckpt: dict | None) -> None:
+        first, done, train_done = 0, 0, False
+        if ckpt is not None:
+            from .checkpoint import restore_for_resume
+
+            first, done, train_done = restore_for_resume(self, ckpt)
+        for self.epoch in range(first, self.n_epochs):
+            resumed = self.epoch == first
+            if train and not (resumed and train_done):
+                self.one_epoch(True, done if resumed else 0)
             if valid:
                 with torch.no_grad():
                     self.one_epoch(False)
 
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
-            cbs: Iterable[Any] | None = None, lr: float | Sequence[float] | None = None) -> None:
+            cbs: Iterable[Any] | None = None, lr: float | Sequence[float] | None = None,
+            resume: str | None = None) -> None:
         """Train for `n_epochs`, each a training phase then a validation phase.
 
-        `cbs` are added for this call only; `lr` sets the optimizer's learning rate.
+        `cbs` are added for this call only; `lr` sets the optimizer's learning rate. `resume`
+        (a checkpoint file, or a folder: its newest) continues an interrupted run exactly
+        where its checkpoint was taken, as if it had never stopped.
         """
         extra = as_cbs(cbs)
         for cb in extra:
@@ -186,6 +218,7 @@ class Learner:
                 raise ValueError(f"fit(cbs=...): {type(cb).__name__} is already among the "
                                  "learner's callbacks; pass it only once")
         self._check_fit_args(n_epochs, train, valid, lr)
+        ckpt = self._read_resume(resume, n_epochs)
         self.cbs.extend(extra)
         try:
             self._build_handlers()  # also picks up callbacks appended to learn.cbs directly
@@ -194,15 +227,45 @@ class Learner:
             if train:
                 self._prepare_opt(lr)
             self.n_epochs = n_epochs
-            self._with_events("fit", lambda: self._do_fit(train, valid))
+            self.run_valid = valid and getattr(self.dls, "valid", None) is not None
+            self.fitting = True
+            self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
         except (CancelEpochException, CancelBatchException) as e:
             e.add_note(f"{type(e).__name__} escaped fit: it was raised outside its stage (e.g. "
                        "CancelBatchException in before_epoch); raise the exception of the stage "
                        "you are in, or CancelFitException")
             raise
         finally:
+            self.fitting = False
             self.cbs[:] = [c for c in self.cbs if not any(c is cb for cb in extra)]
             self._build_handlers()
+
+    def _read_resume(self, resume: str | None, n_epochs: int) -> dict | None:
+        if resume is None:
+            return None
+        from .checkpoint import read_checkpoint
+
+        ckpt = read_checkpoint(resume)
+        if ckpt["position"]["epoch"] >= n_epochs:
+            raise ValueError(f"checkpoint {ckpt['path']!r} is at epoch {ckpt['position']['epoch']}, "
+                             f"so fit({n_epochs}, resume=...) has nothing left to do; "
+                             "ask for more epochs")
+        return ckpt
+
+    def save(self, path: str) -> str:
+        """Save a checkpoint to `path` (atomically): model, optimizer, loop position, RNG
+        states and callback states. Inside a fit, call it from after_batch or after_epoch."""
+        from .checkpoint import save_checkpoint
+
+        return str(save_checkpoint(self, path))
+
+    def load(self, path: str, with_opt: bool = True) -> "Learner":
+        """Load model weights (and the optimizer, with `with_opt`) from a checkpoint file or
+        the newest checkpoint in a folder. To continue training exactly, use fit(resume=path)."""
+        from .checkpoint import load_checkpoint, read_checkpoint
+
+        load_checkpoint(self, read_checkpoint(path), with_opt)
+        return self
 
     def _check_fit_args(self, n_epochs: int, train: bool, valid: bool, lr: Any) -> None:
         if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
@@ -270,15 +333,7 @@ class Learner:
         With `train_bn` (fastai's default), batchnorm layers stay trainable everywhere: their
         statistics must adapt to the new data even in a frozen body.
         """
-        groups = self.splits()
-        trainable = set(range(len(groups))[n:])
-        for i, group in enumerate(groups):
-            for p in group:
-                p.requires_grad_(i in trainable)
-        if train_bn:
-            for m in self.model.modules():
-                if isinstance(m, nn.modules.batchnorm._NormBase):
-                    m.requires_grad_(True)
+        freeze_to(self.model, self.splits(), n, train_bn)
 
     def freeze(self, train_bn: bool = True) -> None:
         """Freeze all parameter groups but the last (the head), as in fastai."""
@@ -288,60 +343,29 @@ class Learner:
         """Make every parameter group trainable."""
         self.freeze_to(0)
 
-    # ---- schedules and the LR finder (their callbacks live in nanofit.callbacks) ------------
+    # ---- conveniences: each drives a callback or helper from its own module ---------------
     def fit_one_cycle(self, n_epochs: int, lr_max: float | Sequence[float] | None = None,
                       div: float = 25.0, div_final: float = 1e5, pct_start: float = 0.25,
                       moms: Sequence[float] | None = (0.95, 0.85, 0.95), wd: float | None = None,
-                      cbs: Iterable[Any] | None = None) -> None:
+                      cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
         """Fit with the 1cycle policy: lr warms up from lr_max/div to lr_max (cosine) over
         `pct_start` of training, then anneals to lr_max/div_final; momentum moves inversely.
 
         `lr_max` may be a list, one per param group. Momentum is scheduled when the optimizer
         uses it (SGD/RMSprop with momentum > 0, the Adam family); `moms=None` leaves it alone.
-        `wd` sets weight decay for the run.
+        `wd` sets weight decay for the run; `resume` as in `fit`.
         """
-        from .schedule import one_cycle_scheds
+        from .callbacks.schedule import fit_one_cycle
 
-        lr_max = self.lr if lr_max is None else lr_max
-        check_lr(lr_max, "fit_one_cycle")
-        lrs = list(lr_max) if isinstance(lr_max, (list, tuple)) else [lr_max]
-        per_group = [one_cycle_scheds(lr, div, div_final, pct_start, moms) for lr in lrs]
-        scheds: dict[str, Any] = {"lr": [s["lr"] for s in per_group]}
-        if "mom" in per_group[0]:
-            scheds["mom"] = per_group[0]["mom"]
-        self._fit_scheduled(n_epochs, scheds, wd, cbs)
+        fit_one_cycle(self, n_epochs, lr_max, div, div_final, pct_start, moms, wd, cbs, resume)
 
     def fit_flat_cos(self, n_epochs: int, lr: float | Sequence[float] | None = None,
                      div_final: float = 1e5, pct_start: float = 0.75, wd: float | None = None,
-                     cbs: Iterable[Any] | None = None) -> None:
+                     cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
         """Fit at a flat lr for `pct_start` of training, then anneal it to lr/div_final (cosine)."""
-        from .schedule import flat_cos_scheds
+        from .callbacks.schedule import fit_flat_cos
 
-        lr = self.lr if lr is None else lr
-        check_lr(lr, "fit_flat_cos")
-        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr]
-        self._fit_scheduled(n_epochs, {"lr": [flat_cos_scheds(v, div_final, pct_start)["lr"]
-                                              for v in lrs]}, wd, cbs)
-
-    def _fit_scheduled(self, n_epochs: int, scheds: dict[str, Any], wd: float | None,
-                       cbs: Iterable[Any] | None) -> None:
-        from .callbacks.schedule import ParamScheduler
-        from .schedule import sched_no
-
-        self._prepare_opt(None)
-        if "mom" in scheds and not self._uses_momentum():
-            del scheds["mom"]  # plain SGD, Adagrad...: momentum is not switched on behind your back
-        if len(scheds["lr"]) == 1:
-            scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
-        if wd is not None:
-            scheds["wd"] = sched_no(wd, wd)
-        self.fit(n_epochs, cbs=[ParamScheduler(**scheds), *(cbs or ())])
-
-    def _uses_momentum(self) -> bool:
-        if self.opt is None or "mom" not in self.opt.hypers:
-            return False
-        mom = self.opt.mom
-        return any(m > 0 for m in (mom if isinstance(mom, list) else [mom]))
+        fit_flat_cos(self, n_epochs, lr, div_final, pct_start, wd, cbs, resume)
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
@@ -349,15 +373,9 @@ class Learner:
         """fastai's transfer-learning recipe: train the head with the body frozen for
         `freeze_epochs`, then everything for `epochs` with discriminative rates from
         base_lr/2/lr_mult (first group) to base_lr/2 (last), by one-cycle."""
-        from .schedule import lr_range
+        from .callbacks.schedule import fine_tune
 
-        self.freeze()
-        self.fit_one_cycle(freeze_epochs, base_lr, pct_start=0.99, **kwargs)
-        base_lr /= 2
-        self.unfreeze()
-        lrs = lr_range(base_lr / lr_mult, base_lr, len(self.splits()))
-        self.fit_one_cycle(epochs, lrs if len(lrs) > 1 else lrs[0], pct_start=pct_start, div=div,
-                           **kwargs)
+        fine_tune(self, epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
                 stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
@@ -365,53 +383,22 @@ class Learner:
         """Try learning rates from `start_lr` growing to `end_lr` over `num_it` training batches;
         return the suggested rate(s) (`.valley`, `.minimum`, `.steep`).
 
-        Leaves no trace: weights, optimizer, callbacks, `requires_grad` and RNG states are
-        restored afterwards (callbacks' too, through their `state_dict`), so `lr_find(); fit()`
-        trains exactly as `fit()` alone. Callbacks with `run_in_lr_find = False` (schedules)
-        sit it out. The curve is
-        kept in `learn.lr_finder` (`lrs`, `losses`, `plot()`); `plot=True` shows it in a
-        notebook, else saves it to `plot_path`.
+        Leaves no trace: weights, optimizer, callbacks and their state, `requires_grad` and RNG
+        states are restored afterwards, so `lr_find(); fit()` trains exactly as `fit()` alone.
+        Callbacks with `run_in_lr_find = False` sit it out. The curve is kept in
+        `learn.lr_finder` (`lrs`, `losses`, `plot()`); `plot=True` shows it in a notebook,
+        else saves it to `plot_path`.
         """
-        from .callbacks.lr_find import LRFinderCB
-        from .state import preserve_state
+        from .callbacks.lr_find import lr_find
 
-        finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
-        self._check_fit_args(1, True, False, None)
-        # Enough epochs to reach num_it batches; the finder cancels the fit when done.
-        n_batches = len(self.dls.train) if hasattr(self.dls.train, "__len__") else 1
-        with preserve_state(self):
-            self.cbs[:] = [cb for cb in self.cbs if getattr(cb, "run_in_lr_find", True)]
-            self.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])
-        self.lr_finder = finder
-        suggestions = finder.suggest(suggest)
-        if plot:
-            from .plots import show_or_save
-
-            show_or_save(finder.plot(suggestions), plot_path)
-        return suggestions
+        return lr_find(self, start_lr, end_lr, num_it, stop_div, suggest, plot, plot_path)
 
     def summary(self, flops: bool = True) -> Any:
         """A table of the model's leaf modules with output shapes, parameter counts and MFLOPs
         per item, from one batch of `dls.valid` (or `dls.train`); leaves no trace."""
-        from .callbacks.core import to_device
-        from .hooks import model_summary
-        from .state import get_rng_state, loader_generators, set_rng_state
+        from .hooks import learner_summary
 
-        dl = getattr(self.dls, "valid", None) or getattr(self.dls, "train", None)
-        if dl is None:
-            raise ValueError("summary needs data to run one batch: pass dls to the Learner")
-        rng, gens = get_rng_state(), [(g, g.get_state()) for g in loader_generators(self.dls)]
-        try:
-            batch = next(iter(dl))  # a shuffling loader draws from its RNG: put it back after
-        finally:
-            set_rng_state(rng)
-            for g, state in gens:
-                g.set_state(state)
-        param = next(self.model.parameters(), None)
-        inputs = batch[: self.n_inp]
-        if param is not None:
-            inputs = to_device(inputs, param.device)
-        return model_summary(self.model, *inputs, flops=flops)
+        return learner_summary(self, flops)
 
     # ---- the five steps: defaults that a callback or a subclass may replace -----------------
     def predict(self) -> None:
@@ -449,22 +436,20 @@ class Learner:
         return self.model.training
 
 
-def as_cbs(cbs: Any) -> list[Any]:
-    """Callbacks as a list: None gives [], a single callback gives [it]."""
-    if cbs is None:
-        return []
-    if isinstance(cbs, type) or hasattr(cbs, "order"):
-        return [cbs]
-    return list(cbs)
+_END = object()
 
 
-def check_lr(lr: Any, where_: str) -> None:
-    """A learning rate must be a finite number > 0, or a list of them (one per param group)."""
-    values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
-    if not values or not all(not isinstance(v, bool) and isinstance(v, (int, float))
-                             and math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{where_}: lr must be a finite number > 0 (or a list of them, one per "
-                         f"param group), got {lr!r}")
+def check_first_batch(batches: Iterator[Any], phase: str) -> Iterator[Any]:
+    """Fail early and clearly on an empty loader or a batch of the wrong kind; the batches
+    pass on unchanged (the first one is put back in front)."""
+    first = next(batches, _END)
+    if first is _END:
+        raise ValueError(f"dls.{phase} yielded no batches; check the dataset size and "
+                         "batch_size/drop_last")
+    if not isinstance(first, (tuple, list, dict, torch.Tensor)):
+        raise TypeError(f"dls.{phase} yielded a {type(first).__name__}; a batch must be a tensor "
+                        "or a tuple/list/dict of them (e.g. (inputs, targets))")
+    return itertools.chain((first,), batches)
 
 
 def _describe(x: Any) -> str:

@@ -8,11 +8,13 @@ gradient (L2); SGD's `weight_decay` is L2, which for plain SGD is the same thing
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
-__all__ = ["HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+__all__ = ["check_lr", "freeze_to", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -158,3 +160,26 @@ class HPOptimizer:
     def __repr__(self) -> str:
         values = ", ".join(f"{n}={get_hyper(self, n)}" for n in self.hypers)
         return f"HPOptimizer({type(self.opt).__name__}: {values})"
+
+
+def check_lr(lr: Any, where_: str) -> None:
+    """A learning rate must be a finite number > 0, or a list of them (one per param group)."""
+    values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+    if not values or not all(not isinstance(v, bool) and isinstance(v, (int, float))
+                             and math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{where_}: lr must be a finite number > 0 (or a list of them, one per "
+                         f"param group), got {lr!r}")
+
+
+def freeze_to(model: nn.Module, groups: list[list[nn.Parameter]], n: int,
+              train_bn: bool = True) -> None:
+    """Make the parameter groups before group `n` untrainable and the rest trainable;
+    with `train_bn`, batchnorm layers stay trainable everywhere."""
+    trainable = set(range(len(groups))[n:])
+    for i, group in enumerate(groups):
+        for p in group:
+            p.requires_grad_(i in trainable)
+    if train_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase):
+                m.requires_grad_(True)

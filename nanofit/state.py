@@ -75,7 +75,8 @@ def preserve_state(learn: Any) -> Iterator[None]:
     cb_states = [(cb, copy.deepcopy(cb.state_dict())) for cb in cbs
                  if callable(getattr(cb, "state_dict", None))]
     attrs = {k: getattr(learn, k) for k in ("lr", "n_epochs", "epoch", "iter", "n_iter", "dl",
-                                            "batch", "preds", "loss")}
+                                            "batch", "preds", "loss", "phase_done",
+                                            "n_iter_train", "epoch_rng", "valid_rng")}
     rng = get_rng_state()
     gens = [(g, g.get_state()) for g in loader_generators(learn.dls)]
     idle_loaders = [dl for dl in _loaders(learn.dls) if getattr(dl, "_iterator", "") is None]

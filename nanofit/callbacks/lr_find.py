@@ -7,7 +7,7 @@ from typing import Any, NamedTuple, Sequence
 from ..learner import Callback, CancelEpochException, CancelFitException
 from ..optim import set_hyper
 
-__all__ = ["LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep", "suggest_valley", "SUGGESTIONS"]
+__all__ = ["lr_find", "LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep", "suggest_valley", "SUGGESTIONS"]
 
 
 def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -132,3 +132,24 @@ class LRFinderCB(Callback):
                                                  if v is not None}
         return plot_lr_find(self.lrs, self.losses, marks, path=path)
 
+
+def lr_find(learn: Any, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+            stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
+            plot_path: str = "lr_find.png") -> SuggestedLRs:
+    """`learn.lr_find`: see there."""
+    from ..state import preserve_state
+
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+    learn._check_fit_args(1, True, False, None)
+    # Enough epochs to reach num_it batches; the finder cancels the fit when done.
+    n_batches = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
+    with preserve_state(learn):
+        learn.cbs[:] = [cb for cb in learn.cbs if getattr(cb, "run_in_lr_find", True)]
+        learn.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])
+    learn.lr_finder = finder
+    suggestions = finder.suggest(suggest)
+    if plot:
+        from ..plots import show_or_save
+
+        show_or_save(finder.plot(suggestions), plot_path)
+    return suggestions

@@ -19,6 +19,28 @@ def _to_python(value: Any) -> Any:
     return value
 
 
+def _metric_state(m: Any) -> dict[str, Any] | None:
+    """A metric's accumulated state: torchmetrics' `metric_state`, or the metric's own
+    `state_dict()`; None when it has neither (its phase restarts empty on resume)."""
+    if hasattr(m, "metric_state") and hasattr(m, "_update_count"):
+        return {"states": {k: (v.detach().clone() if isinstance(v, torch.Tensor) else
+                               [t.detach().clone() for t in v]) for k, v in m.metric_state.items()},
+                "updated": m._update_count > 0}
+    if callable(getattr(m, "state_dict", None)) and not isinstance(m, torch.nn.Module):
+        return {"own": m.state_dict()}
+    return None
+
+
+def _load_metric_state(m: Any, state: dict[str, Any]) -> None:
+    if "own" in state:
+        m.load_state_dict(state["own"])
+        return
+    for k, v in state["states"].items():
+        setattr(m, k, v)
+    m._update_count = int(state["updated"])  # how the updates were batched does not matter
+    m._computed = None  # torchmetrics caches compute(); the cache is stale now
+
+
 def _shape(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"shape {tuple(x.shape)} ({x.dtype})"
@@ -161,11 +183,21 @@ class MetricsCB(Callback):
         self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
 
     def state_dict(self) -> dict[str, Any]:
-        """What this callback has recorded (the history), as plain Python values."""
-        return {"history": copy.deepcopy(self.history)}
+        """The history, and the running totals of the current phase (for a mid-epoch resume)."""
+        self.flush()
+        loss_sum = self._loss_sum
+        return {"history": copy.deepcopy(self.history),
+                "loss_sum": loss_sum.detach().clone() if isinstance(loss_sum, torch.Tensor) else loss_sum,
+                "count": self._count,
+                "metrics": {name: _metric_state(m) for name, m in self.metrics.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = copy.deepcopy(state["history"])
+        self._clear_buffers()
+        self._loss_sum, self._count = state.get("loss_sum", 0.0), state.get("count", 0)
+        for name, m_state in state.get("metrics", {}).items():
+            if name in self.metrics and m_state is not None:
+                _load_metric_state(self.metrics[name], m_state)
 
 
 class Recorder(Callback):
@@ -236,7 +268,9 @@ class Recorder(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = copy.deepcopy(state)
-        self.losses, self.hps, self.valid_losses = state["losses"], state["hps"], state["valid_losses"]
+        self.losses, self.valid_losses = state["losses"], state["valid_losses"]
+        for name, values in state["hps"].items():  # in place: the per-batch readers keep the lists
+            self.hps.setdefault(name, [])[:] = values
         self._pending = []
 
     def plot_loss(self, path: str | None = None, smooth: float | None = None):

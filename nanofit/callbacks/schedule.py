@@ -1,15 +1,15 @@
 """Hyper-parameter schedules during training: ParamScheduler, and torch's lr schedulers."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from ..learner import Callback
-from ..optim import HPOptimizer, hyper_access
-from ..schedule import Schedule
+from ..optim import HPOptimizer, check_lr, hyper_access
+from ..schedule import (Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no)
 
-__all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB"]
+__all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB", "fit_one_cycle", "fit_flat_cos", "fine_tune"]
 
 
 class ParamScheduler(Callback):
@@ -81,6 +81,13 @@ class _TorchSchedCB(Callback):
         self.sched = sched
         self.scheduler: Any = None
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
     def before_fit(self, learn: Any) -> None:
         if hasattr(self.sched, "step"):  # an LRScheduler instance, used as is
             self.scheduler = self.sched
@@ -130,3 +137,61 @@ class EpochSchedCB(_TorchSchedCB):
                 raise ValueError(f"EpochSchedCB: monitor={self.monitor!r} is not among the "
                                  f"metrics {[k for k in record if k not in ('epoch', 'train')]}")
             self.scheduler.step(record[self.monitor])
+
+
+def fit_one_cycle(learn: Any, n_epochs: int, lr_max: Any = None, div: float = 25.0,
+                  div_final: float = 1e5, pct_start: float = 0.25,
+                  moms: Sequence[float] | None = (0.95, 0.85, 0.95), wd: float | None = None,
+                  cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
+    """`learn.fit_one_cycle`: see there."""
+    lr_max = learn.lr if lr_max is None else lr_max
+    check_lr(lr_max, "fit_one_cycle")
+    lrs = list(lr_max) if isinstance(lr_max, (list, tuple)) else [lr_max]
+    per_group = [one_cycle_scheds(lr, div, div_final, pct_start, moms) for lr in lrs]
+    scheds: dict[str, Any] = {"lr": [s["lr"] for s in per_group]}
+    if "mom" in per_group[0]:
+        scheds["mom"] = per_group[0]["mom"]
+    _fit_scheduled(learn, n_epochs, scheds, wd, cbs, resume)
+
+
+def fit_flat_cos(learn: Any, n_epochs: int, lr: Any = None, div_final: float = 1e5,
+                 pct_start: float = 0.75, wd: float | None = None,
+                 cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
+    """`learn.fit_flat_cos`: see there."""
+    lr = learn.lr if lr is None else lr
+    check_lr(lr, "fit_flat_cos")
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+    scheds = {"lr": [flat_cos_scheds(v, div_final, pct_start)["lr"] for v in lrs]}
+    _fit_scheduled(learn, n_epochs, scheds, wd, cbs, resume)
+
+
+def _uses_momentum(opt: Any) -> bool:
+    if opt is None or "mom" not in opt.hypers:
+        return False
+    mom = opt.mom
+    return any(m > 0 for m in (mom if isinstance(mom, list) else [mom]))
+
+
+def _fit_scheduled(learn: Any, n_epochs: int, scheds: dict[str, Any], wd: float | None,
+                   cbs: Iterable[Any] | None, resume: str | None) -> None:
+    if learn.opt is None:
+        learn.create_opt()
+    if "mom" in scheds and not _uses_momentum(learn.opt):
+        del scheds["mom"]  # plain SGD, Adagrad...: momentum is not switched on behind your back
+    if len(scheds["lr"]) == 1:
+        scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
+    if wd is not None:
+        scheds["wd"] = sched_no(wd, wd)
+    learn.fit(n_epochs, cbs=[ParamScheduler(**scheds), *(cbs or ())], resume=resume)
+
+
+def fine_tune(learn: Any, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
+              lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0, **kwargs: Any) -> None:
+    """`learn.fine_tune`: see there."""
+    learn.freeze()
+    learn.fit_one_cycle(freeze_epochs, base_lr, pct_start=0.99, **kwargs)
+    base_lr /= 2
+    learn.unfreeze()
+    lrs = lr_range(base_lr / lr_mult, base_lr, len(learn.splits()))
+    learn.fit_one_cycle(epochs, lrs if len(lrs) > 1 else lrs[0], pct_start=pct_start, div=div,
+                        **kwargs)
