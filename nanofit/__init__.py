@@ -1,7 +1,8 @@
 """nanofit: a small, fast, hackable training loop for PyTorch."""
 from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
                        CancelFitException)
-from .callbacks import (ActivationStats, BatchSchedCB, HooksCallback, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
+from .callbacks import (ActivationStats, BatchSchedCB, CheckpointCB, EarlyStoppingCB,
+                        ReduceLROnPlateauCB, SaveBestCB, TerminateOnNaNCB, HooksCallback, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
                         ParamScheduler, ProgressCB, Recorder, SingleBatchCB, SuggestedLRs, TrainCB,
                         def_device, to_cpu, to_device)
 from .hooks import Hook, Hooks, ModelSummary, model_summary
@@ -26,4 +27,5 @@ __all__ = [
     "flat_cos_scheds", "lr_range",
     "Hook", "Hooks", "HooksCallback", "ActivationStats", "ModelSummary", "model_summary",
     "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
+    "CheckpointCB", "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
 ]

@@ -411,7 +411,9 @@ class Learner:
         try:
             self.loss = self.loss_func(self.preds, *targets)
         except Exception as e:
-            e.add_note("loss_func got " + ", ".join(_describe(t) for t in (self.preds, *targets)))
+            got = ", ".join(_describe(t) for t in (self.preds, *targets))
+            e.add_note(f"loss_func got {got} (epoch {self.epoch}, batch {self.iter})"
+                       + loss_hint(self.preds, targets))
             raise
 
     def backward(self) -> None:
@@ -450,6 +452,24 @@ def check_first_batch(batches: Iterator[Any], phase: str) -> Iterator[Any]:
         raise TypeError(f"dls.{phase} yielded a {type(first).__name__}; a batch must be a tensor "
                         "or a tuple/list/dict of them (e.g. (inputs, targets))")
     return itertools.chain((first,), batches)
+
+
+def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
+    """The usual fix for a loss function that failed on these shapes and dtypes, if we know it."""
+    if not targets or not isinstance(preds, torch.Tensor) or not isinstance(targets[0], torch.Tensor):
+        return ""
+    targ = targets[0]
+    if preds.shape[:1] != targ.shape[:1]:
+        return (f"; preds and targets hold different numbers of items ({preds.shape[0] if preds.ndim else 0}"
+                f" vs {targ.shape[0] if targ.ndim else 0}): check that the model keeps the batch dimension")
+    if preds.ndim == 2 and targ.ndim == 2 and targ.shape[1] == 1 and not targ.is_floating_point():
+        return ("; class-index targets must have shape (N,): squeeze them (y.squeeze(1)) or use "
+                "y.view(-1) in the dataset")
+    if preds.ndim == 2 and targ.ndim == 1 and targ.is_floating_point():
+        return "; cross-entropy wants class indices as int64 targets: use y.long()"
+    if preds.is_floating_point() and not targ.is_floating_point():
+        return "; a regression loss wants float targets of the preds' shape: use y.float()"
+    return ""
 
 
 def _describe(x: Any) -> str:

@@ -139,7 +139,8 @@ class MetricsCB(Callback):
         """Hand the buffered batches to the metrics and the loss total."""
         if not self._ns:
             return
-        losses = torch.stack(self._losses).float()
+        device = self._losses[-1].device  # batches restored from a checkpoint sit on the CPU
+        losses = torch.stack([x.to(device) for x in self._losses]).float()
         weights = torch.tensor(self._ns, dtype=torch.float32).to(losses.device, non_blocking=True)
         self._loss_sum = self._loss_sum + (losses * weights).sum()
         self._count += sum(self._ns)
@@ -162,7 +163,8 @@ class MetricsCB(Callback):
         tensors = all(isinstance(x, torch.Tensor) for x in ps + ts)
         if len(ps) > 1 and tensors and len({p.shape[1:] for p in ps}) == 1 \
                 and len({t.shape[1:] for t in ts}) == 1:
-            return [(torch.cat(ps), torch.cat(ts))]
+            dp, dt = ps[-1].device, ts[-1].device
+            return [(torch.cat([p.to(dp) for p in ps]), torch.cat([t.to(dt) for t in ts]))]
         return list(zip(ps, ts))
 
     def compute(self) -> dict[str, Any]:
@@ -183,18 +185,28 @@ class MetricsCB(Callback):
         self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
 
     def state_dict(self) -> dict[str, Any]:
-        """The history, and the running totals of the current phase (for a mid-epoch resume)."""
-        self.flush()
+        """The history and everything of the current phase so far: running totals, metric
+        states and the batches not yet handed to the metrics. Saving does not flush, so a run
+        that saved a checkpoint adds up its numbers in the same order as one that did not."""
         loss_sum = self._loss_sum
         return {"history": copy.deepcopy(self.history),
                 "loss_sum": loss_sum.detach().clone() if isinstance(loss_sum, torch.Tensor) else loss_sum,
-                "count": self._count,
+                "count": self._count, "checked": self._checked,
+                "pending": {"preds": list(self._preds), "targs": list(self._targs),
+                            "losses": list(self._losses), "ns": list(self._ns),
+                            "buffered": self._buffered},
                 "metrics": {name: _metric_state(m) for name, m in self.metrics.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = copy.deepcopy(state["history"])
-        self._clear_buffers()
         self._loss_sum, self._count = state.get("loss_sum", 0.0), state.get("count", 0)
+        self._checked = state.get("checked", self._checked)
+        pending = state.get("pending")
+        self._clear_buffers()
+        if pending:
+            self._preds, self._targs = list(pending["preds"]), list(pending["targs"])
+            self._losses, self._ns = list(pending["losses"]), list(pending["ns"])
+            self._buffered = pending["buffered"]
         for name, m_state in state.get("metrics", {}).items():
             if name in self.metrics and m_state is not None:
                 _load_metric_state(self.metrics[name], m_state)
