@@ -508,3 +508,36 @@ def test_cancel_raised_outside_its_stage_says_so():
     with pytest.raises(CancelBatchException) as info:
         learn.fit(1)
     assert "raised outside its stage" in info.value.__notes__[-1]
+
+
+def test_loaders_yielding_nothing_or_the_wrong_thing_fail_clearly():
+    class Gen:  # an iterable with no len()
+        def __init__(self, items):
+            self.items = items
+
+        def __iter__(self):
+            return iter(self.items)
+
+    with pytest.raises(ValueError, match="dls.train yielded no batches"):
+        Learner(make_model(), DataLoaders(Gen([]), None), F.cross_entropy).fit(1, valid=False)
+    with pytest.raises(TypeError, match="dls.train yielded a str; a batch must be a tensor"):
+        Learner(make_model(), DataLoaders(Gen(["abc"]), None), F.cross_entropy).fit(1, valid=False)
+    empty_valid = DataLoaders(make_dls().train, Gen([]))
+    with pytest.raises(ValueError, match="dls.valid yielded no batches"):
+        Learner(make_model(), empty_valid, F.cross_entropy).fit(1)
+
+
+@pytest.mark.parametrize("targets, loss, hint", [
+    (torch.zeros(8, 1).long(), F.cross_entropy, r"squeeze them \(y.squeeze\(1\)\)"),
+    (torch.zeros(8), F.cross_entropy, r"int64 targets: use y.long\(\)"),
+    (torch.zeros(5).long(), F.cross_entropy, r"different numbers of items \(8 vs 5\)"),
+])
+def test_loss_errors_name_shapes_batch_and_fix(targets, loss, hint):
+    x = torch.randn(8, 4)
+    dls = DataLoaders([(x, targets)], None)
+    learn = Learner(nn.Linear(4, 3), dls, loss)
+    with pytest.raises(Exception) as info:
+        learn.fit(1, valid=False)
+    notes = "\n".join(info.value.__notes__)
+    assert "loss_func got a tensor of shape (8, 3)" in notes and "(epoch 0, batch 0)" in notes
+    assert __import__("re").search(hint, notes), notes
