@@ -3,6 +3,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args, cwd):
     return subprocess.run([sys.executable, "-m", "nanofit", *args], cwd=cwd, capture_output=True,
@@ -40,19 +42,28 @@ def test_demo_diagnose_writes_activation_plots(tmp_path):
         assert (tmp_path / "d" / name).read_bytes()[:4] == b"\x89PNG", name
 
 
-def test_bad_flags_give_one_line_and_no_traceback(tmp_path):
-    for args in (["demo", "--epochs", "0"], ["demo", "--lr", "abc"], ["demo", "--nope"], ["bogus"],
-                 ["demo", "--seed", "99999999999999999999"], ["demo", "--bs", "1.5"]):
-        result = run(*args, cwd=tmp_path)
-        assert result.returncode == 2, args
-        assert "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-        assert "error:" in result.stderr
+@pytest.mark.parametrize("args", [["demo", "--epochs", "0"], ["demo", "--lr", "abc"],
+                                  ["demo", "--nope"], ["bogus"], ["demo", "--bs", "1.5"],
+                                  ["demo", "--seed", "99999999999999999999"], []])
+def test_bad_flags_give_one_line(args, capsys):
+    from nanofit.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err, err
+
+
+def test_bad_flag_and_bad_out_folder_as_a_user_sees_them(tmp_path):
+    result = run("demo", "--lr", "-1", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "nanofit demo: error: argument --lr: must be > 0, got '-1' (see --help)"
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = run("demo", "--out", str(blocker / "sub"), cwd=tmp_path)
     assert result.returncode == 2 and "cannot create --out folder" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_installed_console_command(tmp_path):
