@@ -43,9 +43,20 @@ def demo_model():
                          nn.Flatten(), nn.Linear(64 * 2 * 2, 10))
 
 
+def folder_dls(data: Path, bs: int, seed: int, size: int):
+    """An image folder as DataLoaders: split by its train/valid folders if it has them,
+    else 20% at random."""
+    from .data import DataLoaders
+
+    by_folder = (data / "train").is_dir() and (data / "valid").is_dir()
+    return DataLoaders.from_folder(data, valid_pct=None if by_folder else 0.2, bs=bs, size=size,
+                                   seed=seed)
+
+
 def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
-             diagnose: bool = False) -> float:
-    """Train the demo CNN on digits: lr_find (unless `lr` is given), then fit_one_cycle.
+             diagnose: bool = False, data: Path | None = None, size: int = 32) -> float:
+    """Train the demo CNN on digits (or an image folder `data`, resized to `size`): lr_find
+    (unless `lr` is given), then fit_one_cycle.
 
     Prints the epochs, saves loss.png, lr_find.png and schedule.png into `out`, and returns
     the final validation accuracy. `diagnose` also records activation statistics of every
@@ -57,16 +68,25 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
 
     from torch import nn
 
-    from . import ActivationStats, DeviceCB, Learner, MetricsCB, ProgressCB, Recorder
+    from . import (ActivationStats, BatchTransformCB, DeviceCB, Learner, MetricsCB, Normalize,
+                   ProgressCB, Recorder, simple_cnn)
 
     torch.manual_seed(seed)
-    dls = digits_dls(bs, seed)
-    print(f"nanofit demo: a small CNN on scikit-learn's 8x8 digits "
-          f"({len(dls.train.tensors[0])} train, {len(dls.valid.tensors[0])} valid images)")
-    metrics = MetricsCB(accuracy=MulticlassAccuracy(num_classes=10, average="micro"))
-    learn = Learner(demo_model(), dls, F.cross_entropy,
-                    opt_func=partial(torch.optim.SGD, momentum=0.9),
-                    cbs=[DeviceCB(), metrics, Recorder(), ProgressCB()])
+    cbs = [DeviceCB()]
+    if data is None:
+        dls, n_classes, model = digits_dls(bs, seed), 10, demo_model()
+        print(f"nanofit demo: a small CNN on scikit-learn's 8x8 digits "
+              f"({len(dls.train.tensors[0])} train, {len(dls.valid.tensors[0])} valid images)")
+    else:
+        dls = folder_dls(data, bs, seed, size)
+        n_classes = len(dls.vocab)
+        model = simple_cnn(3, n_classes, nfs=(16, 32, 64, 128))
+        cbs.append(BatchTransformCB(Normalize(*dls.stats(n_batches=4))))
+        print(f"nanofit demo: a small CNN on {str(data)!r} ({len(dls.train.dataset)} train, "
+              f"{len(dls.valid.dataset)} valid images, {n_classes} classes, {size}x{size})")
+    metrics = MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_classes, average="micro"))
+    learn = Learner(model, dls, F.cross_entropy, opt_func=partial(torch.optim.SGD, momentum=0.9),
+                    cbs=[*cbs, metrics, Recorder(), ProgressCB()])
     if lr is None:
         suggestion = learn.lr_find(plot_path=str(out / "lr_find.png"))
         lr = suggestion.valley
@@ -131,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_seed, default=0)
     demo.add_argument("--out", type=Path, default=Path("nanofit_demo"),
                       help="folder for the plots (created if needed)")
+    demo.add_argument("--data", type=Path, default=None,
+                      help="train on an image folder instead (label = parent folder; split by "
+                           "its train/ and valid/ folders, else 20%% at random)")
+    demo.add_argument("--size", type=_positive(int), default=32,
+                      help="image size for --data (default 32)")
     demo.add_argument("--diagnose", action="store_true",
                       help="also record activation statistics and plot them")
     return parser
@@ -147,5 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"nanofit demo: error: cannot create --out folder {str(args.out)!r}: "
                   f"{e.strerror}", file=sys.stderr)
             return 2
-        run_demo(args.epochs, args.lr, args.bs, args.seed, args.out, args.diagnose)
+        if args.data is not None and not args.data.is_dir():
+            print(f"nanofit demo: error: --data {str(args.data)!r} is not a folder", file=sys.stderr)
+            return 2
+        run_demo(args.epochs, args.lr, args.bs, args.seed, args.out, args.diagnose, args.data,
+                 args.size)
     return 0

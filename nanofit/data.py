@@ -138,3 +138,46 @@ class DataLoaders:
         valid = DataLoader(dataset_dict[valid_name], batch_size=batch_size, shuffle=False,
                            **kwargs)
         return cls(train, valid)
+
+    @classmethod
+    def from_folder(cls, path: str, train: str = "train", valid: str = "valid",
+                    valid_pct: float | None = None, bs: int = 64, size: Any = None,
+                    num_workers: int | None = None, seed: int | None = None, mode: str = "RGB",
+                    skip_bad: bool = False, **kwargs: Any) -> "DataLoaders":
+        """Image DataLoaders from a folder: label = parent folder name; split by grand-parent
+        folder (`path/train/...`, `path/valid/...`) or, with `valid_pct`, at random (seeded).
+
+        Images are converted to `mode` and resized to `size`; loading runs in `num_workers`
+        processes (default: the cores available, at most 8) that persist across epochs, with
+        pinned memory when CUDA is there. `seed` fixes the split and the shuffling; `kwargs`
+        go to torch's DataLoader. Example: `DataLoaders.from_folder("mnist_png", size=28)`
+        """
+        from .images import folder_loaders
+
+        return cls(*folder_loaders(path, train, valid, valid_pct, bs, size, num_workers, seed,
+                                   mode, skip_bad, **kwargs))
+
+    @property
+    def vocab(self) -> list[str] | None:
+        """The class names of the training data, when it has them (e.g. from_folder)."""
+        return getattr(getattr(self.train, "dataset", None), "vocab", None)
+
+    def stats(self, n_batches: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel mean and std of the inputs of the first `n_batches` training batches."""
+        xs = []
+        for i, batch in enumerate(self.train):
+            if i >= n_batches:
+                break
+            xs.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        x = torch.cat(xs)
+        dims = [d for d in range(x.ndim) if d != 1]
+        return x.mean(dims), x.std(dims)
+
+    def show_batch(self, n: int = 16, ncols: int | None = None, path: str | None = None):
+        """A grid of the first `n` training images with their labels; returns the Figure."""
+        from .images import show_images
+
+        xb, yb = next(iter(self.train))[:2]
+        vocab = self.vocab
+        titles = [vocab[int(y)] if vocab else str(int(y)) for y in yb[:n]]
+        return show_images(xb[:n], titles, ncols, path)

@@ -393,6 +393,12 @@ class Learner:
 
         return lr_find(self, start_lr, end_lr, num_it, stop_div, suggest, plot, plot_path)
 
+    def show_results(self, n: int = 9, ncols: int | None = None, path: str | None = None) -> Any:
+        """The first `n` validation images titled 'prediction / target'; a Figure."""
+        from .images import show_results
+
+        return show_results(self, n, ncols, path)
+
     def summary(self, flops: bool = True) -> Any:
         """A table of the model's leaf modules with output shapes, parameter counts and MFLOPs
         per item, from one batch of `dls.valid` (or `dls.train`); leaves no trace."""

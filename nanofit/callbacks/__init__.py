@@ -6,9 +6,11 @@ from .lr_find import LRFinderCB, SuggestedLRs
 from .metrics import MetricsCB, Recorder
 from .progress import ProgressCB
 from .schedule import BatchSchedCB, EpochSchedCB, ParamScheduler
+from .transforms import BatchTransformCB, Normalize
 from .tracker import EarlyStoppingCB, ReduceLROnPlateauCB, SaveBestCB, TerminateOnNaNCB
 
 __all__ = ["DeviceCB", "SingleBatchCB", "TrainCB", "def_device", "to_cpu", "to_device",
            "MetricsCB", "Recorder", "ProgressCB", "ParamScheduler", "BatchSchedCB",
            "EpochSchedCB", "LRFinderCB", "SuggestedLRs", "HooksCallback", "ActivationStats", "CheckpointCB",
-           "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB"]
+           "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
+           "BatchTransformCB", "Normalize"]

@@ -1,0 +1,128 @@
+"""Image folders: ImageFolder, from_folder splits, workers, statistics, grids, demo --data."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from nanofit import BatchTransformCB, DataLoaders, ImageFolder, Learner, Normalize, show_images
+
+pytestmark = pytest.mark.filterwarnings("ignore:ImageFolder. skipping")  # the corrupt file, on purpose
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """40 PNGs of digits 0, 1 and 2 in train/<class> and valid/<class>, plus one corrupt file."""
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    count = {}
+    for im, t in zip(digits.images, digits.target):
+        if t > 2 or count.get(t, 0) >= 14:
+            continue
+        count[t] = count.get(t, 0) + 1
+        split = "valid" if count[t] % 4 == 0 else "train"
+        path = root / split / ["zero", "one", "two"][t]
+        path.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((im * 16).clip(0, 255).astype(np.uint8)).save(path / f"{t}_{count[t]}.png")
+    (root / "train" / "two" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return root
+
+
+def test_labels_vocab_and_values(folder):
+    ds = ImageFolder(folder / "valid", size=12, mode="L")
+    assert ds.vocab == ["one", "two", "zero"] and ds.o2i["zero"] == 2
+    x, y = ds[0]
+    assert x.shape == (1, 12, 12) and x.dtype == torch.float32
+    assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5
+    assert ds.vocab[y] == ds.files[0].parent.name
+    rgb, _ = ImageFolder(folder / "valid", size=(6, 10))[0]
+    assert rgb.shape == (3, 6, 10)
+
+
+def test_corrupt_file_is_named_or_skipped(folder):
+    ds = ImageFolder(folder / "train", size=8)
+    bad = [i for i, f in enumerate(ds.files) if f.name == "broken.png"][0]
+    with pytest.raises(ValueError, match=r"cannot read image .*broken.png.*skip_bad=True"):
+        ds[bad]
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable file\(s\): .*broken.png"):
+        ok = ImageFolder(folder / "train", size=8, skip_bad=True)
+    assert len(ok) == len(ds) - 1
+    for i in range(len(ok)):
+        ok[i]
+
+
+def test_split_by_folder_and_by_percentage(folder):
+    dls = DataLoaders.from_folder(folder, size=8, num_workers=0, skip_bad=True)
+    train, valid = dls.train.dataset.files, dls.valid.dataset.files
+    assert all(f.relative_to(folder).parts[0] == "train" for f in train)
+    assert all(f.relative_to(folder).parts[0] == "valid" for f in valid)
+    assert dls.vocab == ["one", "two", "zero"] and dls.valid.dataset.vocab == dls.vocab
+    a = DataLoaders.from_folder(folder, valid_pct=0.25, seed=3, size=8, num_workers=0, skip_bad=True)
+    b = DataLoaders.from_folder(folder, valid_pct=0.25, seed=3, size=8, num_workers=0, skip_bad=True)
+    c = DataLoaders.from_folder(folder, valid_pct=0.25, seed=4, size=8, num_workers=0, skip_bad=True)
+    ta, va = set(a.train.dataset.files), set(a.valid.dataset.files)
+    assert not ta & va and len(ta | va) == len(train) + len(valid)  # disjoint, complete
+    assert len(va) == round(len(ta | va) * 0.25)
+    assert va == set(b.valid.dataset.files) and va != set(c.valid.dataset.files)
+    with pytest.raises(ValueError, match="expected images under"):
+        DataLoaders.from_folder(folder, train="training", num_workers=0)
+
+
+def test_two_workers_give_the_same_items_as_none(folder):
+    kw = dict(size=8, skip_bad=True, seed=0, bs=8)
+    serial = DataLoaders.from_folder(folder, num_workers=0, **kw)
+    parallel = DataLoaders.from_folder(folder, num_workers=2, **kw)
+    assert parallel.train.num_workers == 2 and parallel.train.persistent_workers
+    for a, b in zip(serial.valid, parallel.valid):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    ordered = lambda dl: sorted((y.item(), x.sum().item()) for xb, yb in dl for x, y in zip(xb, yb))  # noqa: E731
+    assert ordered(serial.train) == ordered(parallel.train)
+
+
+def test_normalisation_statistics_and_transform(folder):
+    dls = DataLoaders.from_folder(folder, size=8, num_workers=0, skip_bad=True, bs=64)
+    mean, std = dls.stats()
+    xb = next(iter(dls.train))[0]
+    assert mean.shape == (3,) and torch.allclose(mean, xb.permute(1, 0, 2, 3).reshape(3, -1).mean(1))
+    assert torch.allclose(std, xb.permute(1, 0, 2, 3).reshape(3, -1).std(1))
+    norm = Normalize.from_batch(xb)
+    out = norm(xb)
+    assert out.mean((0, 2, 3)).abs().max() < 1e-5 and (out.std((0, 2, 3)) - 1).abs().max() < 1e-4
+    assert torch.allclose(norm.decode(out), xb, atol=1e-6)
+    with pytest.raises(ValueError, match="3 channel statistics but the batch has shape"):
+        norm(torch.zeros(2, 1, 4, 4))
+
+
+def test_show_batch_and_results_write_pngs(folder, tmp_path):
+    import torch.nn.functional as F
+
+    from nanofit import simple_cnn
+
+    dls = DataLoaders.from_folder(folder, size=8, num_workers=0, skip_bad=True)
+    fig = dls.show_batch(n=6, path=tmp_path / "batch.png")
+    assert len([a for a in fig.axes if a.images]) == 6
+    assert (tmp_path / "batch.png").read_bytes()[:4] == b"\x89PNG"
+    assert fig.axes[0].get_title() in dls.vocab
+    learn = Learner(simple_cnn(3, 3, nfs=(4, 8)), dls, F.cross_entropy,
+                    cbs=[BatchTransformCB(Normalize(*dls.stats()))])
+    fig = learn.show_results(n=4, path=tmp_path / "results.png")
+    assert " / " in fig.axes[0].get_title()
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    show_images(torch.rand(3, 1, 5, 5), path=tmp_path / "gray.png")
+
+
+def test_demo_trains_on_an_image_folder(folder, tmp_path):
+    import shutil
+
+    clean = tmp_path / "clean"
+    shutil.copytree(folder, clean)
+    (clean / "train" / "two" / "broken.png").unlink()
+    result = subprocess.run([sys.executable, "-m", "nanofit", "demo", "--data", str(clean),
+                             "--epochs", "2", "--size", "12", "--lr", "0.01", "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "3 classes" in result.stdout and "validation accuracy" in result.stdout
+    assert (tmp_path / "out" / "loss.png").exists()
