@@ -103,11 +103,14 @@ def _cb_keys(cbs: list[Any]) -> list[tuple[str, Any]]:
 def position(learn: Any) -> tuple[int, int, bool]:
     """Where the loop stands, as (epoch, training batches done, training phase done).
 
-    Inside a fit this is meant to be read at `after_batch` or `after_epoch`; outside a fit
-    the run is complete.
+    Inside a fit it is exact at `after_batch`, `before_epoch` and `after_epoch` (in the middle
+    of a batch the batch is counted as done); outside a fit the run is complete.
     """
     if not getattr(learn, "fitting", False):
         return learn.n_epochs, 0, False
+    if learn.phase is None:
+        raise ValueError("learn.save inside a fit works from after_batch, before_epoch or "
+                         "after_epoch; before the first epoch there is nothing new to save")
     if learn.training:
         if learn.phase_done:  # after_epoch of the training phase
             return learn.epoch, learn.n_iter, True
@@ -126,6 +129,8 @@ def save_checkpoint(learn: Any, path: str | Path) -> Path:
         "format": FORMAT, "version": VERSION,
         "model": learn.model.state_dict(),
         "opt": learn.opt.state_dict() if learn.opt is not None else None,
+        "opt_type": type(learn.opt.opt).__name__ if learn.opt is not None else None,
+        "n_batches": learn.n_iter_train,
         "lr": learn.lr,
         "n_epochs": learn.n_epochs,
         "position": {"epoch": epoch, "batches_done": done, "train_done": train_done},
@@ -137,13 +142,12 @@ def save_checkpoint(learn: Any, path: str | Path) -> Path:
 
 
 def newest_checkpoint(folder: str | Path) -> Path:
-    """The newest checkpoint file in `folder` (by its loop position in the name, then time)."""
+    """The most recently written checkpoint file in `folder`."""
     folder = Path(folder)
     files = [f for f in folder.glob(f"*{SUFFIX}") if f.is_file()]
     if not files:
         raise FileNotFoundError(f"no checkpoint (*{SUFFIX}) in folder {str(folder)!r}")
-    return max(files, key=lambda f: (f.name.startswith("ckpt_"), f.name if f.name.startswith("ckpt_")
-                                     else "", f.stat().st_mtime))
+    return max(files, key=lambda f: (f.stat().st_mtime_ns, f.name))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -173,19 +177,52 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def check_resumable(ckpt: dict[str, Any], learn: Any, n_epochs: int) -> None:
+    """Refuse or warn about resuming from `ckpt` into this fit."""
+    pos = ckpt.get("position")
+    if not isinstance(pos, dict):
+        raise ValueError(f"{ckpt['path']!r} holds weights only (e.g. from SaveBestCB), not a "
+                         "training position: load it with learn.load(path), or resume from a "
+                         "CheckpointCB file")
+    if pos["epoch"] >= n_epochs:
+        raise ValueError(f"checkpoint {ckpt['path']!r} is at epoch {pos['epoch']}, so "
+                         f"fit({n_epochs}, resume=...) has nothing left to do; ask for more epochs")
+    if ckpt.get("n_epochs") not in (None, n_epochs):
+        warnings.warn(f"resuming a {ckpt['n_epochs']}-epoch run as a {n_epochs}-epoch fit: "
+                      "schedules over the whole fit (one-cycle...) will not match the original")
+    train = getattr(learn.dls, "train", None)
+    n = len(train) if hasattr(train, "__len__") else None
+    if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n:
+        warnings.warn(f"the checkpoint's training loader had {ckpt['n_batches']} batches, this one "
+                      f"has {n}: the resumed epoch cannot follow the original order")
+    if any(getattr(dl, "persistent_workers", False) for dl in (train, getattr(learn.dls, "valid", None))):
+        warnings.warn("resuming with persistent_workers=True: the workers' base seed is drawn "
+                      "once per run, so the resumed run's random streams can differ from the "
+                      "original; use persistent_workers=False for a bit-exact resume")
+
+
 def load_checkpoint(learn: Any, ckpt: dict[str, Any], with_opt: bool = True) -> None:
     """Put the checkpoint's model weights (and optimizer) into the learner."""
     try:
         learn.model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {ckpt['path']!r} does not fit this model: "
-                         f"{str(e).splitlines()[0]} ...") from None
+        raise ValueError(f"checkpoint {ckpt['path']!r} does not fit this model: {e}") from None
     if with_opt and ckpt.get("opt") is not None:
         if learn.opt is None:
             learn.lr = ckpt.get("lr", learn.lr)
             learn.create_opt()
-        if learn.opt is not None:
+        if learn.opt is None:
+            return
+        saved, mine = ckpt.get("opt_type"), type(learn.opt.opt).__name__
+        if saved is not None and saved != mine:
+            raise ValueError(f"checkpoint {ckpt['path']!r} holds a {saved} optimizer, the learner "
+                             f"has {mine}: use the same opt_func, or load(path, with_opt=False)")
+        try:
             learn.opt.load_state_dict(ckpt["opt"])
+        except ValueError as e:
+            raise ValueError(f"checkpoint {ckpt['path']!r}: its optimizer does not fit this "
+                             f"learner's ({e}); the param groups come from Learner(splitter=...), "
+                             "which must match the run that saved it") from None
 
 
 def restore_for_resume(learn: Any, ckpt: dict[str, Any]) -> tuple[int, int, bool]:
@@ -244,7 +281,8 @@ class _SkipBatches:
 def _skipping_iterator(dl: Any, skip: int) -> Iterator[Any]:
     if isinstance(dl, TensorLoader):
         return dl.iter_from(skip)
-    if isinstance(dl, torch.utils.data.DataLoader) and dl.batch_sampler is not None:
+    if (isinstance(dl, torch.utils.data.DataLoader) and dl.batch_sampler is not None
+            and not isinstance(dl.dataset, torch.utils.data.IterableDataset)):
         kwargs = {k: getattr(dl, k) for k in ("num_workers", "collate_fn", "pin_memory", "timeout",
                                               "worker_init_fn", "multiprocessing_context",
                                               "generator", "prefetch_factor")}

@@ -68,6 +68,9 @@ def lsuv_init(model: nn.Module, xb: Any, mods: list[nn.Module] | None = None,
                 with Hook(m, grab):
                     for _ in range(max_iter):
                         model(xb)
+                        if not seen:
+                            raise ValueError(f"lsuv_init: {m} did not run in model(xb); pass "
+                                             "mods= with layers the forward pass uses")
                         if abs(seen["mean"]) < tol and abs(seen["std"] - 1) < tol:
                             break
                         if getattr(m, "bias", None) is not None:

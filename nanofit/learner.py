@@ -50,6 +50,7 @@ class Learner:
         self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
         self.dl: Any = None
         self.fitting = self.phase_done = self.run_valid = False
+        self.phase: str | None = None  # "train" or "valid" while a phase runs
         self.n_iter_train = 0
         self.epoch_rng: dict | None = None
         self.valid_rng: dict | None = None
@@ -177,6 +178,7 @@ class Learner:
         """Run one phase (training or validation) over `dls.train` or `dls.valid`, from batch
         `start` (a resumed epoch)."""
         self.model.train(train)
+        self.phase, self.iter = ("train" if train else "valid"), start - 1
         self.dl = self.dls.train if train else self.dls.valid
         self.n_iter = len(self.dl) if hasattr(self.dl, "__len__") else 0
         self.phase_done = False
@@ -228,7 +230,7 @@ class Learner:
                 self._prepare_opt(lr)
             self.n_epochs = n_epochs
             self.run_valid = valid and getattr(self.dls, "valid", None) is not None
-            self.fitting = True
+            self.fitting, self.phase = True, None
             self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
         except (CancelEpochException, CancelBatchException) as e:
             e.add_note(f"{type(e).__name__} escaped fit: it was raised outside its stage (e.g. "
@@ -245,11 +247,10 @@ class Learner:
             return None
         from .checkpoint import read_checkpoint
 
+        from .checkpoint import check_resumable
+
         ckpt = read_checkpoint(resume)
-        if ckpt["position"]["epoch"] >= n_epochs:
-            raise ValueError(f"checkpoint {ckpt['path']!r} is at epoch {ckpt['position']['epoch']}, "
-                             f"so fit({n_epochs}, resume=...) has nothing left to do; "
-                             "ask for more epochs")
+        check_resumable(ckpt, self, n_epochs)
         return ckpt
 
     def save(self, path: str) -> str:
@@ -471,10 +472,13 @@ def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
     if preds.ndim == 2 and targ.ndim == 2 and targ.shape[1] == 1 and not targ.is_floating_point():
         return ("; class-index targets must have shape (N,): squeeze them (y.squeeze(1)) or use "
                 "y.view(-1) in the dataset")
-    if preds.ndim == 2 and targ.ndim == 1 and targ.is_floating_point():
+    if preds.ndim == 2 and targ.ndim == 1 and targ.dtype != torch.int64:
         return "; cross-entropy wants class indices as int64 targets: use y.long()"
+    if preds.ndim != targ.ndim:
+        return (f"; preds have shape {tuple(preds.shape)} and targets {tuple(targ.shape)}: for an "
+                "element-wise loss (MSE, BCE) make them the same shape, e.g. y.view_as(preds)")
     if preds.is_floating_point() and not targ.is_floating_point():
-        return "; a regression loss wants float targets of the preds' shape: use y.float()"
+        return "; an element-wise loss (MSE, BCE) wants float targets: use y.float()"
     return ""
 
 

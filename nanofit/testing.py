@@ -13,19 +13,19 @@ __all__ = ["assert_resumable", "learner_state"]
 
 
 class _StopAfter(Callback):
-    """Saves a checkpoint after the `at`-th training batch of the fit (counting from 0), then
-    stops the fit, as a crash right after that checkpoint would."""
+    """Stops the fit right after the `at`-th training batch (counting from 0) was saved by the
+    CheckpointCB, as a crash at that moment would."""
 
-    order = 1000  # after every other callback has finished the batch
+    order = 10_000  # after CheckpointCB
 
-    def __init__(self, at: int, path: Path) -> None:
-        self.at, self.path, self.seen = at, path, 0
+    def __init__(self, at: int) -> None:
+        self.at, self.seen, self.stopped = at, 0, False
 
     def after_batch(self, learn: Any) -> None:
         if not learn.training:
             return
         if self.seen == self.at:
-            learn.save(str(self.path))
+            self.stopped = True
             raise CancelFitException()
         self.seen += 1
 
@@ -60,26 +60,32 @@ def assert_resumable(make_learner: Callable[[], Any], n_epochs: int, stop_at: Se
     """Check that training resumed from a checkpoint ends bit for bit where an uninterrupted
     run ends.
 
-    `make_learner()` must build the same learner each time (seed it). For each position in
-    `stop_at` (a training batch counted from 0 over the whole fit), a run is stopped right
-    after that batch with a checkpoint, a fresh learner resumes from it, and the final
+    `make_learner()` must build the same learner each time (seed it) with its callbacks. For
+    each position in `stop_at` (a training batch counted from 0 over the whole fit), a run is
+    stopped right after a CheckpointCB saved that batch, a fresh learner resumes from the
+    file, and the final
     weights, optimizer state and callback states are compared with the uninterrupted run.
     `fit` names the method (e.g. "fit_one_cycle"); `fit_kwargs` go to it.
     Raises AssertionError naming what differs.
     """
+    if "cbs" in fit_kwargs:
+        raise TypeError("assert_resumable: give callbacks to the learner in make_learner, so "
+                        "that every run gets fresh ones")
+    from .callbacks.checkpoint import CheckpointCB
+
     reference = make_learner()
     getattr(reference, fit)(n_epochs, **fit_kwargs)
     expected = learner_state(reference)
     with tempfile.TemporaryDirectory() as tmp:
         for at in stop_at:
-            path = Path(tmp) / f"stop_{at}.pt"
-            first = make_learner()
-            getattr(first, fit)(n_epochs, cbs=[*fit_kwargs.pop("cbs", ()), _StopAfter(at, path)],
-                                **fit_kwargs)
-            if not path.exists():
-                raise AssertionError(f"stop_at={at}: the fit has fewer training batches")
+            saver = CheckpointCB(Path(tmp) / f"stop_{at}", every_n_batches=1, every_epoch=False,
+                                 keep=1)
+            stop = _StopAfter(at)
+            getattr(make_learner(), fit)(n_epochs, cbs=[saver, stop], **fit_kwargs)
+            if not stop.stopped:
+                raise AssertionError(f"stop_at={at}: the fit has only {stop.seen} training batches")
             resumed = make_learner()
-            getattr(resumed, fit)(n_epochs, resume=str(path), **fit_kwargs)
+            getattr(resumed, fit)(n_epochs, resume=str(saver.saved[-1]), **fit_kwargs)
             diffs = _compare(learner_state(resumed), expected, "state")
             if diffs:
                 raise AssertionError(f"resuming after training batch {at} differs from the "

@@ -41,11 +41,29 @@ def make_learner(loader="tensor", extra=()):
                         ProgressCB(file=io.StringIO()), *extra])
 
 
+class Counter(Callback):
+    """A user's stateful callback that runs late in each batch (order 100)."""
+
+    order = 100
+
+    def __init__(self):
+        self.n = 0
+
+    def after_batch(self, learn):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]
+
+
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_resume_from_any_batch_is_bit_exact(loader):
     # first batch, a middle one, last of epoch 0, first of epoch 1, the very last
-    assert_resumable(partial(make_learner, loader), 3, stop_at=[0, 2, 3, 4, 11],
-                     fit="fit_one_cycle", lr_max=0.1)
+    make = lambda: make_learner(loader, extra=[Counter()])  # noqa: E731
+    assert_resumable(make, 3, stop_at=[0, 2, 3, 4, 11], fit="fit_one_cycle", lr_max=0.1)
 
 
 def test_assert_resumable_catches_a_broken_resume(monkeypatch):
@@ -81,12 +99,13 @@ def test_checkpoint_cb_every_n_batches_keep_and_resume_from_folder(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         learn.fit_one_cycle(3, 0.1)
     files = sorted(p.name for p in tmp_path.glob("*.pt"))
-    # batches 1 and 2 of epoch 1 were saved (names count batches done), then the crash came
-    assert files == ["ckpt_00001_0000002.pt", "ckpt_00001_0000003.pt"]
+    # the crash came in batch 2 of epoch 1, before its checkpoint (CheckpointCB runs last)
+    assert files == ["ckpt_00001_0000001.pt", "ckpt_00001_0000002.pt"]
     resumed = make_learner(extra=[CheckpointCB(tmp_path, every_n_batches=1, keep=2)])
     resumed.fit_one_cycle(3, 0.1, resume=str(tmp_path))  # a folder: its newest checkpoint
     assert same_state(learner_state(resumed), reference_state())
-    assert sorted(p.name for p in tmp_path.glob("*.pt"))[-1] == "ckpt_00003_0000000.pt"
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["ckpt_00002_0000004.pt",
+                                                             "ckpt_00003_0000000.pt"]  # keep=2
     assert not list(tmp_path.glob(".*tmp"))
 
 
@@ -99,7 +118,6 @@ def test_resume_from_end_of_epoch_and_after_the_training_phase(tmp_path):
                 learn.save(str(tmp_path / "train_done.pt"))
                 raise CancelFitException()
 
-    make_learner(extra=[CheckpointCB(tmp_path / "epochs", keep=None)]).fit_one_cycle(1, 0.1)
     learn = make_learner(extra=[StopAfterTrainingPhase()])
     learn.fit_one_cycle(3, 0.1)
     for path in (tmp_path / "train_done.pt",):
@@ -229,7 +247,8 @@ def test_load_restores_weights_and_resume_past_the_end_is_refused(tmp_path):
     with pytest.raises(ValueError, match="nothing left to do"):
         make_learner().fit(2, resume=path)
     longer = make_learner()
-    longer.fit(3, resume=path)  # extends a finished run
+    with pytest.warns(UserWarning, match="resuming a 2-epoch run as a 3-epoch fit"):
+        longer.fit(3, resume=path)  # extends a finished run
     assert len(longer.metrics.history) == 6
 
 
@@ -279,3 +298,43 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path):
     reference = make_learner()
     reference.fit_one_cycle(3, 0.1)
     assert all(torch.equal(resumed[k], v) for k, v in reference.model.state_dict().items())
+
+
+def test_ctrl_c_in_training_then_resume(tmp_path):
+    class SendCtrlC(Callback):
+        def after_step(self, learn):
+            if learn.training and (learn.epoch, learn.iter) == (1, 1):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    learn = make_learner(extra=[CheckpointCB(tmp_path), SendCtrlC()])
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit_one_cycle(3, 0.1)
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["ckpt_00001_0000002.pt"]  # batch 1 finished
+    resumed = make_learner()
+    resumed.fit_one_cycle(3, 0.1, resume=str(tmp_path))
+    assert same_state(learner_state(resumed), reference_state())
+
+
+def test_save_and_resume_misuse_gets_clear_errors(tmp_path):
+    class SaveTooEarly(Callback):
+        def before_fit(self, learn):
+            learn.save(str(tmp_path / "early.pt"))
+
+    with pytest.raises(ValueError, match="learn.save inside a fit works from after_batch"):
+        make_learner(extra=[SaveTooEarly()]).fit(1)
+    from nanofit import SaveBestCB
+
+    learn = make_learner(extra=[SaveBestCB("loss", tmp_path / "best.pt")])
+    learn.fit(1)
+    with pytest.raises(ValueError, match="holds weights only"):
+        make_learner().fit(2, resume=str(tmp_path / "best.pt"))
+    make_learner().load(str(tmp_path / "best.pt"))  # but it loads as weights
+    path = learn.save(str(tmp_path / "sgd.pt"))
+    adam = make_learner()
+    adam.opt_func = torch.optim.Adam
+    with pytest.raises(ValueError, match="holds a SGD optimizer, the learner has Adam"):
+        adam.load(path)
+    with pytest.raises(TypeError, match="give callbacks to the learner in make_learner"):
+        assert_resumable(make_learner, 1, stop_at=[0], cbs=[Counter()])
+    with pytest.raises(AssertionError, match="stop_at=99: the fit has only 4 training batches"):
+        assert_resumable(make_learner, 1, stop_at=[99])

@@ -48,3 +48,10 @@ def test_lsuv_gives_unit_variance_outputs():
         assert abs(outputs[m].std().item() - 1) < 0.1
         assert abs(outputs[m].mean().item()) < 0.1
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_lsuv_names_a_layer_the_forward_never_uses():
+    model = nn.Sequential(nn.Linear(4, 4))
+    unused = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="did not run in model"):
+        lsuv_init(model, torch.randn(8, 4), mods=[unused])

@@ -531,6 +531,7 @@ def test_loaders_yielding_nothing_or_the_wrong_thing_fail_clearly():
     (torch.zeros(8, 1).long(), F.cross_entropy, r"squeeze them \(y.squeeze\(1\)\)"),
     (torch.zeros(8), F.cross_entropy, r"int64 targets: use y.long\(\)"),
     (torch.zeros(5).long(), F.cross_entropy, r"different numbers of items \(8 vs 5\)"),
+    (torch.zeros(8, dtype=torch.int32), F.cross_entropy, r"int64 targets: use y.long\(\)"),
 ])
 def test_loss_errors_name_shapes_batch_and_fix(targets, loss, hint):
     x = torch.randn(8, 4)

@@ -22,7 +22,7 @@ class CheckpointCB(Callback):
     Ctrl-C stops at once. Resume with `learn.fit(n_epochs, resume=path)`.
     """
 
-    order = 90  # after the callbacks whose state it saves (metrics, recorder, progress)
+    order = 1000  # last: every other callback has finished the batch whose state it saves
     run_in_lr_find = False
 
     def __init__(self, path: str | Path, every_n_batches: int | None = None,
@@ -50,6 +50,9 @@ class CheckpointCB(Callback):
     def before_fit(self, learn: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.interrupted = False
+        # Files already there (an earlier run, or the run being resumed) count towards `keep`.
+        existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
+        self.saved = [f for f in existing if f not in self.saved] + [f for f in self.saved if f.exists()]
         if threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -71,6 +74,21 @@ class CheckpointCB(Callback):
         last_phase = not learn.training or not learn.run_valid
         if self.every_epoch and last_phase:
             self.save(learn)
+
+    def after_cancel_fit(self, learn: Any) -> None:
+        # Stopped at an epoch's end (early stopping): keep that epoch too. A cancel in the
+        # middle of a batch (TerminateOnNaNCB) leaves the last good checkpoint as it is.
+        if self.every_epoch and learn.phase_done and (not learn.training or not learn.run_valid):
+            self.save(learn)
+        self._stop_if_interrupted(learn)
+
+    def after_fit(self, learn: Any) -> None:
+        self._stop_if_interrupted(learn)
+
+    def _stop_if_interrupted(self, learn: Any) -> None:
+        if self.interrupted:  # Ctrl-C came after the last batch: the fit is complete, say so
+            path = self.save(learn)
+            raise KeyboardInterrupt(f"interrupted; checkpoint saved to {path}")
 
     def save(self, learn: Any) -> Path:
         """Save a checkpoint now, named by its loop position; prune old ones."""

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..hooks import Hook, Hooks, select_modules
+from ..hooks import Hook, Hooks, _first_tensor, select_modules
 from ..learner import Callback
 
 __all__ = ["HooksCallback", "ActivationStats"]
@@ -89,6 +89,7 @@ class ActivationStats(HooksCallback):
         self._pending, self._pending_mod, self._n_train = [], [], 0
 
     def before_batch(self, learn: Any) -> None:
+        self._seen: set[int] = set()
         if learn.training:
             self._active = self._n_train % self.every == 0
             self._n_train += 1
@@ -96,13 +97,18 @@ class ActivationStats(HooksCallback):
             self._active = False
 
     def _record(self, hook: Hook, module: nn.Module, inp: tuple, outp: Any) -> None:
+        i = self._index[id(module)]
+        t = _first_tensor(outp)
+        if t is None or i in self._seen:  # one row per module per batch (a module may run twice)
+            return
+        self._seen.add(i)
         with torch.no_grad():
-            x = outp.detach().float()
+            x = t.detach().float()
             lo, hi = self.hist_range
-            hist = torch.histc(x.abs().clamp(max=hi), self.bins, lo, hi)
+            hist = torch.histc(x.abs().clamp_(max=hi), self.bins, lo, hi)
             row = torch.cat([torch.stack([x.mean(), x.std()]), hist])
         self._pending.append(row)
-        self._pending_mod.append(self._index[id(module)])
+        self._pending_mod.append(i)
 
     def after_batch(self, learn: Any) -> None:
         if self._active and len(self._pending) >= self.sync_every * len(self._chunks):

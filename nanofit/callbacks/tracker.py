@@ -24,7 +24,7 @@ class _Tracker(Callback):
     """Reads `monitor` from MetricsCB's validation record after each epoch and tells whether
     it improved on the best so far by more than `min_delta`."""
 
-    order = 80  # after MetricsCB (50) has written the epoch's record
+    order = 80  # after MetricsCB (50) has written the epoch's record; before CheckpointCB
     run_in_lr_find = False
 
     def __init__(self, monitor: str = "loss", comp: Callable[[float, float], bool] | None = None,
@@ -123,6 +123,14 @@ class SaveBestCB(_Tracker):
     def after_fit(self, learn: Any) -> None:
         if self.reload_at_end and self.best_epoch is not None:
             learn.load(str(self.path), with_opt=False)
+
+    after_cancel_fit = after_fit  # early stopping too ends with the best weights
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
 
 
 class ReduceLROnPlateauCB(EpochSchedCB):

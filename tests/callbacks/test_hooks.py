@@ -145,3 +145,22 @@ def test_activation_plots_render(tmp_path):
     for name in ("plot_stats", "color_dim", "dead_chart"):
         fig = getattr(stats, name)(path=tmp_path / f"{name}.png")
         assert fig.axes and (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_activation_stats_on_tuple_outputs_and_shared_modules():
+    class TwoOut(nn.Module):
+        def forward(self, x):
+            return x * 2, x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.pair, self.head = nn.Linear(4, 4), TwoOut(), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.pair(self.shared(self.shared(x)))[0])
+
+    net = Net()
+    stats = ActivationStats(mods=[net.shared, net.pair])
+    Learner(net, make_dls(n_train=32, bs=8), F.cross_entropy, cbs=[stats]).fit(1)
+    assert [s.shape[0] for s in stats.stats] == [4, 4]  # one row per batch, even called twice

@@ -109,3 +109,22 @@ def test_terminate_on_nan_stops_before_the_step_and_keeps_the_checkpoint(tmp_pat
     assert newest.name == "ckpt_00001_0000002.pt"
     learn.load(str(newest))
     assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+def test_save_best_with_early_stopping_ends_with_the_best_weights(tmp_path):
+    metric = Scripted([0.3, 0.9, 0.5, 0.4, 0.2])
+    weights = []
+
+    class Snapshot(Callback):
+        order = 100
+
+        def after_epoch(self, learn):
+            if not learn.training:
+                weights.append(learn.model[0].weight.detach().clone())
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.5,
+                    cbs=[MetricsCB(acc=metric), SaveBestCB("acc", tmp_path / "b.pt"),
+                         EarlyStoppingCB("acc", patience=2), Snapshot()])
+    learn.fit(5)
+    assert learn.metrics.history[-1]["epoch"] == 3 and len(weights) == 4  # stopped after epoch 3
+    assert torch.equal(learn.model[0].weight, weights[1])
