@@ -1,10 +1,11 @@
 """nanofit: a small, fast, hackable training loop for PyTorch."""
 from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
                        CancelFitException)
-from .callbacks import (ActivationStats, BatchSchedCB, BatchTransformCB, Normalize, CheckpointCB, EarlyStoppingCB,
+from .callbacks import (DDPCB, ActivationStats, BatchSchedCB, BatchTransformCB, Normalize, CheckpointCB, EarlyStoppingCB,
                         ReduceLROnPlateauCB, SaveBestCB, TerminateOnNaNCB, HooksCallback, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
                         ParamScheduler, ProgressCB, Recorder, SingleBatchCB, SuggestedLRs, TrainCB,
                         def_device, to_cpu, to_device)
+from .distributed import is_rank0, rank0_only
 from .images import ImageFolder, show_images
 from .hooks import Hook, Hooks, ModelSummary, model_summary
 from .init import GeneralRelu, init_weights, lsuv_init
@@ -28,6 +29,6 @@ __all__ = [
     "flat_cos_scheds", "lr_range",
     "Hook", "Hooks", "HooksCallback", "ActivationStats", "ModelSummary", "model_summary",
     "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
-    "BatchTransformCB", "Normalize", "ImageFolder", "show_images",
+    "BatchTransformCB", "Normalize", "DDPCB", "rank0_only", "is_rank0", "ImageFolder", "show_images",
     "CheckpointCB", "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .data import TensorLoader
+from .distributed import ShardedTensorLoader, unwrap_model
 from .state import get_rng_state, loader_generators, set_rng_state
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "newest_checkpoint",
@@ -127,7 +128,7 @@ def save_checkpoint(learn: Any, path: str | Path) -> Path:
     rng = learn.valid_rng if mid_valid else capture_rng(learn.dls)
     ckpt = {
         "format": FORMAT, "version": VERSION,
-        "model": learn.model.state_dict(),
+        "model": unwrap_model(learn.model).state_dict(),  # loadable without DDP
         "opt": learn.opt.state_dict() if learn.opt is not None else None,
         "opt_type": type(learn.opt.opt).__name__ if learn.opt is not None else None,
         "n_batches": learn.n_iter_train,
@@ -204,7 +205,7 @@ def check_resumable(ckpt: dict[str, Any], learn: Any, n_epochs: int) -> None:
 def load_checkpoint(learn: Any, ckpt: dict[str, Any], with_opt: bool = True) -> None:
     """Put the checkpoint's model weights (and optimizer) into the learner."""
     try:
-        learn.model.load_state_dict(ckpt["model"])
+        unwrap_model(learn.model).load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"checkpoint {ckpt['path']!r} does not fit this model: {e}") from None
     if with_opt and ckpt.get("opt") is not None:
@@ -279,7 +280,7 @@ class _SkipBatches:
 
 
 def _skipping_iterator(dl: Any, skip: int) -> Iterator[Any]:
-    if isinstance(dl, TensorLoader):
+    if isinstance(dl, (TensorLoader, ShardedTensorLoader)):
         return dl.iter_from(skip)
     if (isinstance(dl, torch.utils.data.DataLoader) and dl.batch_sampler is not None
             and not isinstance(dl.dataset, torch.utils.data.IterableDataset)):

@@ -68,46 +68,69 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
 
     from torch import nn
 
-    from . import (ActivationStats, BatchTransformCB, DeviceCB, Learner, MetricsCB, Normalize,
-                   ProgressCB, Recorder, simple_cnn)
+    from . import (DDPCB, ActivationStats, BatchTransformCB, DeviceCB, Learner, MetricsCB,
+                   Normalize, ProgressCB, Recorder, simple_cnn)
+    from .distributed import is_rank0, torchrun_env
 
+    say = print if is_rank0() else (lambda *a, **k: None)  # under torchrun, rank 0 talks
     torch.manual_seed(seed)
-    cbs = [DeviceCB()]
+    cbs = [DDPCB()] if torchrun_env() else []
+    cbs.append(DeviceCB())
     if data is None:
         dls, n_classes, model = digits_dls(bs, seed), 10, demo_model()
-        print(f"nanofit demo: a small CNN on scikit-learn's 8x8 digits "
+        say(f"nanofit demo: a small CNN on scikit-learn's 8x8 digits "
               f"({len(dls.train.tensors[0])} train, {len(dls.valid.tensors[0])} valid images)")
     else:
         dls = folder_dls(data, bs, seed, size)
         n_classes = len(dls.vocab)
         model = simple_cnn(3, n_classes, nfs=(16, 32, 64, 128))
         cbs.append(BatchTransformCB(Normalize(*dls.stats(n_batches=4))))
-        print(f"nanofit demo: a small CNN on {str(data)!r} ({len(dls.train.dataset)} train, "
+        say(f"nanofit demo: a small CNN on {str(data)!r} ({len(dls.train.dataset)} train, "
               f"{len(dls.valid.dataset)} valid images, {n_classes} classes, {size}x{size})")
     metrics = MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_classes, average="micro"))
     learn = Learner(model, dls, F.cross_entropy, opt_func=partial(torch.optim.SGD, momentum=0.9),
                     cbs=[*cbs, metrics, Recorder(), ProgressCB()])
     if lr is None:
-        suggestion = learn.lr_find(plot_path=str(out / "lr_find.png"))
+        suggestion = learn.lr_find(plot=is_rank0(), plot_path=str(out / "lr_find.png"))
         lr = suggestion.valley
-        print(f"lr_find suggests {lr:.2e} (valley); curve: {out / 'lr_find.png'}")
+        say(f"lr_find suggests {lr:.2e} (valley); curve: {out / 'lr_find.png'}")
     stats = [ActivationStats(nn.ReLU)] if diagnose else []
     start = time.monotonic()
     learn.fit_one_cycle(epochs, lr, cbs=stats)
     seconds = time.monotonic() - start
-    learn.recorder.plot_loss(path=out / "loss.png")
-    learn.recorder.plot_sched(path=out / "schedule.png")
+    if is_rank0():
+        learn.recorder.plot_loss(path=out / "loss.png")
+        learn.recorder.plot_sched(path=out / "schedule.png")
     accuracy = metrics.history[-1]["accuracy"]
-    print(f"validation accuracy {accuracy:.4f} after {epochs} epochs of fit_one_cycle "
+    say(f"validation accuracy {accuracy:.4f} after {epochs} epochs of fit_one_cycle "
           f"(lr_max {lr:.2e}) in {seconds:.1f}s")
-    print(f"plots: {out / 'loss.png'}, {out / 'schedule.png'}")
-    if diagnose:
+    say(f"plots: {out / 'loss.png'}, {out / 'schedule.png'}")
+    if diagnose and is_rank0():
         stats[0].plot_stats(path=out / "stats.png")
         stats[0].color_dim(path=out / "color_dim.png")
         stats[0].dead_chart(path=out / "dead_chart.png")
-        print(f"activation plots: {out / 'stats.png'}, {out / 'color_dim.png'}, "
+        say(f"activation plots: {out / 'stats.png'}, {out / 'color_dim.png'}, "
               f"{out / 'dead_chart.png'}")
     return accuracy
+
+
+def _launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run this same command on `nproc` local processes with torchrun (gloo on CPU)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", "-m", "nanofit", *rest]
+    return subprocess.call(cmd)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,6 +179,9 @@ def _parser() -> argparse.ArgumentParser:
                            "its train/ and valid/ folders, else 20%% at random)")
     demo.add_argument("--size", type=_positive(int), default=32,
                       help="image size for --data (default 32)")
+    demo.add_argument("--nproc", type=_positive(int), default=1,
+                      help="train data-parallel on this many local processes (torchrun, gloo on "
+                           "CPU); --bs is per process")
     demo.add_argument("--diagnose", action="store_true",
                       help="also record activation statistics and plot them")
     return parser
@@ -164,7 +190,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nanofit` command."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.nproc > 1:
+        from .distributed import torchrun_env
+
+        if not torchrun_env():
+            return _launch(args.nproc, argv)
     if args.command == "demo":
         try:
             args.out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Callbacks: one concern per module; re-exported here."""
 from .checkpoint import CheckpointCB
+from .distributed import DDPCB
 from .hooks import ActivationStats, HooksCallback
 from .core import DeviceCB, SingleBatchCB, TrainCB, def_device, to_cpu, to_device
 from .lr_find import LRFinderCB, SuggestedLRs
@@ -13,4 +14,4 @@ __all__ = ["DeviceCB", "SingleBatchCB", "TrainCB", "def_device", "to_cpu", "to_d
            "MetricsCB", "Recorder", "ProgressCB", "ParamScheduler", "BatchSchedCB",
            "EpochSchedCB", "LRFinderCB", "SuggestedLRs", "HooksCallback", "ActivationStats", "CheckpointCB",
            "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
-           "BatchTransformCB", "Normalize"]
+           "BatchTransformCB", "Normalize", "DDPCB"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import SUFFIX, position, save_checkpoint
+from ..distributed import is_rank0
 from ..learner import Callback
 
 __all__ = ["CheckpointCB"]
@@ -48,7 +49,8 @@ class CheckpointCB(Callback):
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def before_fit(self, learn: Any) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if is_rank0():
+            self.path.mkdir(parents=True, exist_ok=True)
         self.interrupted = False
         # Files already there (an earlier run, or the run being resumed) count towards `keep`.
         existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
@@ -91,9 +93,12 @@ class CheckpointCB(Callback):
             raise KeyboardInterrupt(f"interrupted; checkpoint saved to {path}")
 
     def save(self, learn: Any) -> Path:
-        """Save a checkpoint now, named by its loop position; prune old ones."""
+        """Save a checkpoint now, named by its loop position; prune old ones. Under
+        torch.distributed only rank 0 writes."""
         epoch, done, train_done = position(learn)
         name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{SUFFIX}"
+        if not is_rank0():
+            return self.path / name
         path = save_checkpoint(learn, self.path / name)
         if path in self.saved:
             self.saved.remove(path)

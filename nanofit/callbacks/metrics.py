@@ -5,7 +5,9 @@ import copy
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import is_distributed
 from ..learner import Callback
 from ..optim import hyper_access, supported_hypers
 
@@ -39,6 +41,15 @@ def _load_metric_state(m: Any, state: dict[str, Any]) -> None:
         setattr(m, k, v)
     m._update_count = int(state["updated"])  # how the updates were batched does not matter
     m._computed = None  # torchmetrics caches compute(); the cache is stale now
+
+
+def _check_same_keys(record: dict[str, Any]) -> None:
+    """Every rank must record the same metrics, or the reductions above mixed up values."""
+    keys: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, sorted(record))
+    if any(k != keys[0] for k in keys):
+        raise ValueError("MetricsCB: the ranks record different metrics "
+                         f"({dict(enumerate(keys))}); give every process the same MetricsCB")
 
 
 def _shape(x: Any) -> str:
@@ -168,9 +179,18 @@ class MetricsCB(Callback):
         return list(zip(ps, ts))
 
     def compute(self) -> dict[str, Any]:
-        """The current phase's loss and metrics as plain Python values (one host sync)."""
+        """The current phase's loss and metrics as plain Python values (one host sync).
+
+        Under torch.distributed the loss is the sample-weighted mean over all ranks and
+        torchmetrics metrics sync their states, so every rank gets the same numbers."""
         self.flush()
-        loss = self._loss_sum / self._count if self._count else float("nan")
+        loss_sum, count = self._loss_sum, self._count
+        if is_distributed():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            total = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            loss_sum, count = total[0].item(), total[1].item()
+        loss = loss_sum / count if count else float("nan")
         values = {"loss": _to_python(loss)}
         for name, m in self.metrics.items():
             values[name] = _to_python(m.compute())
@@ -179,6 +199,8 @@ class MetricsCB(Callback):
     def after_epoch(self, learn: Any) -> None:
         record = {"epoch": learn.epoch, "train": "train" if learn.training else "eval"}
         record.update(self.compute())
+        if is_distributed():
+            _check_same_keys(record)
         self.history.append(record)
 
     def cleanup_epoch(self, learn: Any) -> None:

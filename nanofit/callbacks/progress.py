@@ -7,6 +7,7 @@ import time
 from typing import Any, TextIO
 
 from ..learner import Callback
+from ..distributed import is_rank0
 from ..plots import in_notebook
 
 __all__ = ["ProgressCB"]
@@ -61,6 +62,8 @@ class ProgressCB(Callback):
     def before_fit(self, learn: Any) -> None:
         self.out = self.file if self.file is not None else sys.stdout
         self.mode = "notebook" if in_notebook() else "terminal" if _isatty(self.out) else "plain"
+        if not is_rank0():  # under torch.distributed only rank 0 shows progress
+            self.mode, self.out = "plain", io.StringIO()
         self.rows, self._columns, self._row, self._display = [], None, None, None
         self._row_done = False
         if self.mode != "plain":
@@ -136,7 +139,7 @@ class ProgressCB(Callback):
         self._write(self._format(row))
         if self._epoch_bar is not None:
             self._epoch_bar.update()
-        if self.plot:
+        if self.plot and is_rank0():
             self._draw(learn)
 
     def _format(self, row: dict[str, Any]) -> str:

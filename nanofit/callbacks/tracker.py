@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
+from ..distributed import is_distributed, is_rank0, unwrap_model
 from ..learner import Callback, CancelFitException
 from .schedule import EpochSchedCB
 
@@ -89,8 +91,9 @@ class EarlyStoppingCB(_Tracker):
         self.wait = 0 if better else self.wait + 1
         if self.wait >= self.patience:
             self.stopped_epoch = learn.epoch
-            print(f"EarlyStoppingCB: no improvement of {self.monitor!r} in {self.wait} epochs; "
-                  f"stopping after epoch {learn.epoch} (best {self.best:.4g})")
+            if is_rank0():
+                print(f"EarlyStoppingCB: no improvement of {self.monitor!r} in {self.wait} "
+                      f"epochs; stopping after epoch {learn.epoch} (best {self.best:.4g})")
             raise CancelFitException()
 
     def state_dict(self) -> dict[str, Any]:
@@ -116,8 +119,11 @@ class SaveBestCB(_Tracker):
         if self.improved(learn):
             from ..checkpoint import FORMAT, VERSION, atomic_save
 
-            atomic_save({"format": FORMAT, "version": VERSION, "model": learn.model.state_dict(),
-                         "position": None}, self.path)
+            if is_rank0():  # every rank keeps the same best; one writes it
+                atomic_save({"format": FORMAT, "version": VERSION, "position": None,
+                             "model": unwrap_model(learn.model).state_dict()}, self.path)
+            if is_distributed():
+                dist.barrier()  # the file exists before any rank may reload it
             self.best_epoch = learn.epoch
 
     def after_fit(self, learn: Any) -> None:

@@ -1,0 +1,123 @@
+"""torch.distributed helpers: who am I, run on rank 0 only, shard in-memory loaders."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .data import TensorLoader
+
+__all__ = ["is_distributed", "rank", "world_size", "is_rank0", "rank0_only", "torchrun_env",
+           "ShardedTensorLoader", "ShardSampler", "unwrap_model"]
+
+
+def is_distributed() -> bool:
+    """True when a torch.distributed process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank: the process group's, else torchrun's RANK variable, else 0."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    """The number of processes (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    """True on rank 0, and always when not distributed: the process that prints and writes."""
+    return rank() == 0
+
+
+def rank0_only(fn: Callable) -> Callable:
+    """Decorator: run `fn` on rank 0 only (other ranks get None). For prints, plots, files."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs) if is_rank0() else None
+    return wrapper
+
+
+def torchrun_env() -> bool:
+    """True when started by torchrun (or another launcher setting its variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DistributedDataParallel (or similar `.module`) wrapper."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + world, ... of a dataset of `n`: no padding, so no sample is seen
+    twice (shards may differ in length by one). For validation."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world))
+
+
+class ShardedTensorLoader:
+    """This rank's share of a TensorLoader: every `world`-th sample of the epoch's order.
+
+    With `pad` (training), the order is padded by repeating its start so every rank gets the
+    same number of batches, as DistributedSampler does; without it (validation) no sample is
+    repeated. Shuffled orders are drawn from `seed + epoch` (`set_epoch`), the same on every
+    rank. The union of the ranks' k-th batches is the k-th batch of size batch_size * world
+    of the unsharded order.
+    """
+
+    def __init__(self, loader: TensorLoader, rank: int, world: int, pad: bool,
+                 seed: int = 0) -> None:
+        self.loader, self.rank, self.world, self.pad, self.seed = loader, rank, world, pad, seed
+        self.tensors, self.batch_size = loader.tensors, loader.batch_size
+        self.epoch = 0
+        n = loader.n
+        self.n_local = math.ceil(n / world) if pad else len(range(rank, n, world))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the shuffled order of `epoch` (the same on every rank)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.loader.drop_last:
+            return self.n_local // self.batch_size
+        return math.ceil(self.n_local / self.batch_size)
+
+    def _indices(self) -> torch.Tensor:
+        n = self.loader.n
+        if self.loader.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(n)
+        if self.pad and n % self.world:
+            order = torch.cat([order, order[: self.world - n % self.world]])
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The batches from batch `start` on (resuming), without gathering the skipped ones."""
+        idx = self._indices().to(self.tensors[0].device)
+        bs = self.batch_size
+
+        def batches() -> Iterator[tuple[torch.Tensor, ...]]:
+            for i in range(start * bs, len(self) * bs, bs):
+                part = idx[i: i + bs]
+                yield tuple(t.index_select(0, part) for t in self.tensors)
+        return batches()

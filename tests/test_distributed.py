@@ -1,0 +1,100 @@
+"""Data-parallel training: 2 CPU processes (gloo, loopback) started by torchrun."""
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from nanofit import DataLoaders, Learner, MetricsCB, TensorLoader
+
+ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(71, 6, generator=g)  # 64 training samples, 7 validation (uneven: 4 + 3)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return x[:64], y[:64], x[64:], y[64:]
+
+
+def make_learner(bs, loader, cbs=()):
+    xt, yt, xv, yv = data()
+    if loader == "tensor":
+        dls = DataLoaders(TensorLoader((xt, yt), bs), TensorLoader((xv, yv), bs))
+    else:
+        dls = DataLoaders(DataLoader(TensorDataset(xt, yt), batch_size=bs),
+                          DataLoader(TensorDataset(xv, yv), batch_size=bs))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    return Learner(model, dls, F.cross_entropy, lr=0.1,
+                   cbs=[MetricsCB(acc=MulticlassAccuracy(3, average="micro")), *cbs])
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, {root!r})
+    from tests.test_distributed import make_learner
+    from nanofit import CheckpointCB, DDPCB, ProgressCB
+    from nanofit.distributed import rank
+    out, loader = sys.argv[1], sys.argv[2]
+    learn = make_learner(4, loader, cbs=[DDPCB(), ProgressCB(), CheckpointCB(f"{{out}}/ckpt_rank{{rank()}}")])
+    learn.fit(2)
+    r = rank()
+    torch.save(learn.model.state_dict(), f"{{out}}/weights_{{r}}.pt")
+    with open(f"{{out}}/history_{{r}}.json", "w") as f:
+        json.dump(learn.metrics.history, f)
+""")
+
+
+@pytest.mark.parametrize("loader", ["tensor", "dataloader"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, loader):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.format(root=ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path), loader], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    w0 = torch.load(tmp_path / "weights_0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights_1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the ranks stayed in step
+    single = make_learner(8, loader)  # global batch 2 x 4
+    single.fit(2)
+    ref = single.model.state_dict()
+    assert all(torch.allclose(w0[k], ref[k], atol=1e-5) for k in ref)
+    h0 = json.loads((tmp_path / "history_0.json").read_text())
+    h1 = json.loads((tmp_path / "history_1.json").read_text())
+    assert h0 == h1  # every rank reports the same, global, numbers
+    for mine, theirs in zip(h0, single.metrics.history):
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-5)
+        assert mine["acc"] == pytest.approx(theirs["acc"], abs=1e-6)
+    # only rank 0 printed progress and wrote checkpoints; they load without DDP
+    assert result.stdout.count("valid_loss") == 1
+    assert (tmp_path / "ckpt_rank0").is_dir() and not (tmp_path / "ckpt_rank1").exists()
+    ckpt = sorted((tmp_path / "ckpt_rank0").glob("*.pt"))[-1]
+    fresh = make_learner(8, loader)
+    fresh.load(str(ckpt))
+    assert all(torch.equal(fresh.model.state_dict()[k], w0[k]) for k in w0)
+
+
+def test_ddpcb_does_nothing_in_a_single_process():
+    from nanofit import DDPCB
+
+    learn = make_learner(8, "tensor", cbs=[DDPCB()])
+    learn.fit(1)
+    assert isinstance(learn.model, nn.Sequential)
+
+
+def test_demo_on_two_processes(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nanofit", "demo", "--nproc", "2", "--epochs", "2",
+                             "--lr", "0.05", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("validation accuracy") == 1  # rank 0 alone reports
+    assert (tmp_path / "out" / "loss.png").exists()
