@@ -11,7 +11,8 @@ from .hooks import Hook, Hooks, ModelSummary, model_summary
 from .init import GeneralRelu, init_weights, lsuv_init
 from .models import ResBlock, conv, resnet, simple_cnn
 from .data import DataLoaders, TensorLoader, collate_dict
-from .learner import Learner, MomentumLearner, TrainLearner
+from .learner import Learner
+from .learners import MomentumLearner, TrainLearner
 from .optim import HPOptimizer, get_hyper, set_hyper
 from .schedule import (combine_scheds, flat_cos_scheds, lr_range, one_cycle_scheds, sched_cos,
                        sched_exp, sched_lin, sched_no)

@@ -6,7 +6,7 @@ import warnings
 from typing import Any, Callable
 
 __all__ = ["Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
-           "EVENTS", "STEPS", "STAGES", "PREDICT_STEPS", "TRAIN_STEPS", "check_callback", "note_origin", "where", "as_cbs"]
+           "EVENTS", "STEPS", "STAGES", "PREDICT_STEPS", "TRAIN_STEPS", "check_callback", "note_origin", "where", "as_cbs", "describe_loop"]
 
 
 class CancelFitException(Exception):
@@ -95,3 +95,22 @@ def as_cbs(cbs: Any) -> list[Any]:
     if isinstance(cbs, type) or hasattr(cbs, "order"):
         return [cbs]
     return list(cbs)
+
+
+def describe_loop(handlers: dict[str, tuple[Callable, ...]]) -> str:
+    """The training loop as text: each event, indented by stage, with what runs there."""
+    indent = {"fit": 0, "epoch": 2, "batch": 4}
+    lines = []
+
+    def add(event: str, depth: int) -> None:
+        names = [where(fn) for fn in handlers[event]]
+        lines.append(" " * depth + f"{event}: " + (", ".join(names) if names else "-"))
+
+    for stage in ("fit", "epoch", "batch"):
+        add(STAGES[stage][1], indent[stage])
+    for event in PREDICT_STEPS + TRAIN_STEPS + ("zero_grad",):
+        add(event, 6)
+    for stage in ("batch", "epoch", "fit"):
+        for event in STAGES[stage][2:]:
+            add(event, indent[stage])
+    return "\n".join(lines)

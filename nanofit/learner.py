@@ -5,8 +5,7 @@ training (metrics, progress bars, schedules, devices, ...) is a callback in `nan
 """
 from __future__ import annotations
 
-import itertools
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +13,14 @@ from torch import nn
 
 from .callback import (EVENTS, PREDICT_STEPS, STAGES, STEPS, TRAIN_STEPS, Callback,
                        CancelBatchException, CancelEpochException, CancelFitException,
-                       as_cbs, check_callback, note_origin, where)
+                       as_cbs, check_callback, describe_loop, note_origin)
 from .checkpoint import capture_rng
-from .optim import HPOptimizer, check_lr, freeze_to, set_hyper
+from .checks import check_first_batch, check_fit_args, describe, loss_hint
+from .optim import HPOptimizer, freeze_to, make_optimizer, param_groups, set_hyper
 
 __all__ = [
     "Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
-    "EVENTS", "STEPS", "Learner", "TrainLearner", "MomentumLearner",
+    "EVENTS", "STEPS", "Learner",
 ]
 
 
@@ -108,24 +108,7 @@ class Learner:
     def show_training_loop(self) -> None:
         """Print, for each event, the callbacks that run there, in the order they run."""
         self._build_handlers()
-        print(self._describe_loop())
-
-    def _describe_loop(self) -> str:
-        indent = {"fit": 0, "epoch": 2, "batch": 4}
-        lines = []
-
-        def add(event: str, depth: int) -> None:
-            names = [where(fn) for fn in self._handlers[event]]
-            lines.append(" " * depth + f"{event}: " + (", ".join(names) if names else "-"))
-
-        for stage in ("fit", "epoch", "batch"):
-            add(STAGES[stage][1], indent[stage])
-        for event in PREDICT_STEPS + TRAIN_STEPS + ("zero_grad",):
-            add(event, 6)
-        for stage in ("batch", "epoch", "fit"):
-            for event in STAGES[stage][2:]:
-                add(event, indent[stage])
-        return "\n".join(lines)
+        print(describe_loop(self._handlers))
 
     # ---- the loop ---------------------------------------------------------------------------
     def _with_events(self, stage: str, body: Callable[[], None]) -> None:
@@ -269,24 +252,7 @@ class Learner:
         return self
 
     def _check_fit_args(self, n_epochs: int, train: bool, valid: bool, lr: Any) -> None:
-        if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
-            raise ValueError(f"fit: n_epochs must be an int >= 1, got {n_epochs!r}")
-        check_lr(self.lr if lr is None else lr, "fit")
-        if self.dls is None:
-            raise ValueError("fit: the learner has no data; pass dls=DataLoaders(train_dl, valid_dl)")
-        for phase, wanted in (("train", train), ("valid", valid)):
-            if not wanted:
-                continue
-            dl = getattr(self.dls, phase, None)
-            if dl is None:
-                raise ValueError(f"fit: dls has no `{phase}` loader ({type(self.dls).__name__}); "
-                                 f"pass nanofit.DataLoaders(train_dl, valid_dl) or fit({phase}=False)")
-            if hasattr(dl, "__len__") and len(dl) == 0:
-                raise ValueError(f"fit: dls.{phase} yields no batches (len 0); check the dataset "
-                                 "size and batch_size/drop_last")
-        if train and not any(p.requires_grad for p in self.model.parameters()):
-            raise ValueError("fit: the model has no trainable parameters (none requires grad); "
-                             "unfreeze some or call fit(train=False)")
+        check_fit_args(self, n_epochs, train, valid, lr)
 
     @property
     def opt(self) -> HPOptimizer | None:
@@ -299,27 +265,12 @@ class Learner:
 
     def splits(self) -> list[list[nn.Parameter]]:
         """The parameter groups: `splitter(model)`, or one group of all parameters."""
-        if self.splitter is None:
-            return [list(self.model.parameters())]
-        groups = [list(g) for g in self.splitter(self.model)]
-        if not groups or not all(groups):
-            raise ValueError(f"splitter returned {len(groups)} groups with sizes "
-                             f"{[len(g) for g in groups]}; it must return non-empty lists of "
-                             "parameters, e.g. [list(m.body.parameters()), list(m.head.parameters())]")
-        return groups
+        return param_groups(self.model, self.splitter)
 
     def create_opt(self) -> None:
         """Make the optimizer: `opt_func(param_groups, lr=lr)`, one group per split."""
-        if self.opt_func is None:
-            return
-        lrs = self.lr if isinstance(self.lr, (list, tuple)) else None
-        lr = lrs[-1] if lrs else self.lr
-        if self.splitter is None:
-            self.opt = self.opt_func(self.model.parameters(), lr=lr)
-        else:
-            self.opt = self.opt_func([{"params": g} for g in self.splits()], lr=lr)
-        if lrs:
-            set_hyper(self.opt, "lr", lrs)
+        if self.opt_func is not None:
+            self.opt = make_optimizer(self.opt_func, self.model, self.splitter, self.lr)
 
     def _prepare_opt(self, lr: float | Sequence[float] | None) -> None:
         if self.opt is None:
@@ -418,7 +369,7 @@ class Learner:
         try:
             self.loss = self.loss_func(self.preds, *targets)
         except Exception as e:
-            got = ", ".join(_describe(t) for t in (self.preds, *targets))
+            got = ", ".join(describe(t) for t in (self.preds, *targets))
             e.add_note(f"loss_func got {got} (epoch {self.epoch}, batch {self.iter})"
                        + loss_hint(self.preds, targets))
             raise
@@ -443,81 +394,3 @@ class Learner:
     def training(self) -> bool:
         """True during a training phase (the model is in train mode)."""
         return self.model.training
-
-
-_END = object()
-
-
-def check_first_batch(batches: Iterator[Any], phase: str) -> Iterator[Any]:
-    """Fail early and clearly on an empty loader or a batch of the wrong kind; the batches
-    pass on unchanged (the first one is put back in front)."""
-    first = next(batches, _END)
-    if first is _END:
-        raise ValueError(f"dls.{phase} yielded no batches; check the dataset size and "
-                         "batch_size/drop_last")
-    if not isinstance(first, (tuple, list, dict, torch.Tensor)):
-        raise TypeError(f"dls.{phase} yielded a {type(first).__name__}; a batch must be a tensor "
-                        "or a tuple/list/dict of them (e.g. (inputs, targets))")
-    return itertools.chain((first,), batches)
-
-
-def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
-    """The usual fix for a loss function that failed on these shapes and dtypes, if we know it."""
-    if not targets or not isinstance(preds, torch.Tensor) or not isinstance(targets[0], torch.Tensor):
-        return ""
-    targ = targets[0]
-    if preds.shape[:1] != targ.shape[:1]:
-        return (f"; preds and targets hold different numbers of items ({preds.shape[0] if preds.ndim else 0}"
-                f" vs {targ.shape[0] if targ.ndim else 0}): check that the model keeps the batch dimension")
-    if preds.ndim == 2 and targ.ndim == 2 and targ.shape[1] == 1 and not targ.is_floating_point():
-        return ("; class-index targets must have shape (N,): squeeze them (y.squeeze(1)) or use "
-                "y.view(-1) in the dataset")
-    if preds.ndim == 2 and targ.ndim == 1 and targ.dtype != torch.int64:
-        return "; cross-entropy wants class indices as int64 targets: use y.long()"
-    if preds.ndim != targ.ndim:
-        return (f"; preds have shape {tuple(preds.shape)} and targets {tuple(targ.shape)}: for an "
-                "element-wise loss (MSE, BCE) make them the same shape, e.g. y.view_as(preds)")
-    if preds.is_floating_point() and not targ.is_floating_point():
-        return "; an element-wise loss (MSE, BCE) wants float targets: use y.float()"
-    return ""
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return f"a {type(x).__name__}"
-
-
-class TrainLearner(Learner):
-    """A Learner subclass spelling out the five steps (the subclassing alternative to TrainCB)."""
-
-    def predict(self) -> None:
-        self.preds = self.model(self.batch[0])
-
-    def get_loss(self) -> None:
-        self.loss = self.loss_func(self.preds, self.batch[1])
-
-    def backward(self) -> None:
-        self.loss.backward()
-
-    def step(self) -> None:
-        self.opt.step()
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad()
-
-
-class MomentumLearner(TrainLearner):
-    """Keeps `mom` times the old gradients instead of zeroing them (SGD momentum, by hand)."""
-
-    def __init__(self, model: nn.Module, dls: Any = None, loss_func: Callable = F.mse_loss,
-                 lr: float | None = None, cbs: Iterable[Any] | None = None,
-                 opt_func: Callable = torch.optim.SGD, mom: float = 0.85) -> None:
-        self.mom = mom
-        super().__init__(model, dls, loss_func, lr if lr is not None else 0.1, cbs, opt_func)
-
-    def zero_grad(self) -> None:
-        with torch.no_grad():
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(self.mom)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["check_lr", "freeze_to", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+__all__ = ["check_lr", "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -183,3 +183,30 @@ def freeze_to(model: nn.Module, groups: list[list[nn.Parameter]], n: int,
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 m.requires_grad_(True)
+
+
+def param_groups(model: nn.Module, splitter: Callable | None) -> list[list[nn.Parameter]]:
+    """`splitter(model)` as lists of parameters, or one list of all of them."""
+    if splitter is None:
+        return [list(model.parameters())]
+    groups = [list(g) for g in splitter(model)]
+    if not groups or not all(groups):
+        raise ValueError(f"splitter returned {len(groups)} groups with sizes "
+                         f"{[len(g) for g in groups]}; it must return non-empty lists of "
+                         "parameters, e.g. [list(m.body.parameters()), list(m.head.parameters())]")
+    return groups
+
+
+def make_optimizer(opt_func: Callable, model: nn.Module, splitter: Callable | None,
+                   lr: float | Sequence[float]) -> HPOptimizer:
+    """`opt_func(params, lr=...)` wrapped as an HPOptimizer; with a splitter, one param group
+    per split, and `lr` may be a list with one rate per group."""
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else None
+    first = lrs[-1] if lrs else lr
+    if splitter is None:
+        opt = HPOptimizer(opt_func(model.parameters(), lr=first))
+    else:
+        opt = HPOptimizer(opt_func([{"params": g} for g in param_groups(model, splitter)], lr=first))
+    if lrs:
+        set_hyper(opt, "lr", lrs)
+    return opt

@@ -8,7 +8,7 @@ from torch import nn
 
 from nanofit import Hook, Hooks, Learner, model_summary, resnet, simple_cnn
 from nanofit.hooks import select_modules
-from tests.helpers import make_dls
+
 
 
 def test_hook_calls_fn_and_removes():

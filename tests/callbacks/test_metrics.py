@@ -1,5 +1,4 @@
 """MetricsCB against hand computations, its batched updates, and the Recorder."""
-import math
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """Early stopping, keeping the best model, lowering the lr on a plateau, stopping on NaN."""
-import io
 
 import pytest
 import torch
