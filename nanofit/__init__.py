@@ -1,12 +1,15 @@
 """nanofit: a small, fast, hackable training loop for PyTorch."""
 from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
                        CancelFitException)
-from .callbacks import (DDPCB, ActivationStats, BatchSchedCB, BatchTransformCB, Normalize, CheckpointCB, EarlyStoppingCB,
+from .augment import compose, random_crop, random_erase, random_flip
+from .callbacks import (DDPCB, CSVLogger, CompileCB, CutMix, GradAccumCB, GradClipCB, MixedPrecision,
+                        MixUp, ProfileCB, TensorBoardCB, ActivationStats, BatchSchedCB, BatchTransformCB, Normalize, CheckpointCB, EarlyStoppingCB,
                         ReduceLROnPlateauCB, SaveBestCB, TerminateOnNaNCB, HooksCallback, DeviceCB, EpochSchedCB, LRFinderCB, MetricsCB,
                         ParamScheduler, ProgressCB, Recorder, SingleBatchCB, SuggestedLRs, TrainCB,
                         def_device, to_cpu, to_device)
 from .distributed import is_rank0, rank0_only
 from .images import ImageFolder, show_images
+from .inference import exportable, load_learner
 from .hooks import Hook, Hooks, ModelSummary, model_summary
 from .init import GeneralRelu, init_weights, lsuv_init
 from .models import ResBlock, conv, resnet, simple_cnn
@@ -30,6 +33,9 @@ __all__ = [
     "flat_cos_scheds", "lr_range",
     "Hook", "Hooks", "HooksCallback", "ActivationStats", "ModelSummary", "model_summary",
     "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
-    "BatchTransformCB", "Normalize", "DDPCB", "rank0_only", "is_rank0", "ImageFolder", "show_images",
+    "BatchTransformCB", "Normalize", "DDPCB", "rank0_only", "is_rank0",
+    "MixedPrecision", "GradAccumCB", "GradClipCB", "MixUp", "CutMix", "CSVLogger", "TensorBoardCB",
+    "ProfileCB", "CompileCB", "load_learner", "exportable",
+    "random_crop", "random_flip", "random_erase", "compose", "ImageFolder", "show_images",
     "CheckpointCB", "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
 ]

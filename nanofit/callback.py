@@ -48,11 +48,13 @@ class Callback:
     """Base class for callbacks: define any event method, e.g. `def after_batch(self, learn)`.
 
     `order` sorts callbacks (lower runs first). `run_in_lr_find = False` keeps a callback out
-    of `learn.lr_find()` (e.g. schedules, which would fight its learning rate).
+    of `learn.lr_find()` (e.g. schedules, which would fight its learning rate), and
+    `run_in_inference = False` out of `get_preds`/`predict`/`tta` (metrics, loggers...).
     """
 
     order: int = 0
     run_in_lr_find: bool = True
+    run_in_inference: bool = True  # False: sits out get_preds/predict/tta (metrics, loggers...)
 
 
 def where(fn: Callable) -> str:

@@ -60,6 +60,7 @@ class Learner:
         self.preds: Any = None
         self.loss: Any = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
+        self.handler_wrapper: Callable | None = None  # (event, fn) -> fn, see ProfileCB
         for cb in as_cbs(cbs):
             self.add_cb(cb)
         self._build_handlers()
@@ -89,9 +90,12 @@ class Learner:
         for name in EVENTS + STEPS:
             handlers[name] = tuple(m for m in (getattr(cb, name, None) for cb in ordered)
                                    if callable(m))
-        for name in STEPS:  # no callback defines the step: the (sub)class's own method runs
-            if not handlers[name]:
-                handlers[name] = (getattr(type(self), name),)
+        for name in STEPS:  # a step is replaced, as a method is overridden: the last one wins
+            defined = handlers[name]
+            handlers[name] = (defined[-1],) if defined else (getattr(type(self), name),)
+        if self.handler_wrapper is not None:  # e.g. ProfileCB timing every handler
+            handlers = {e: tuple(self.handler_wrapper(e, fn) for fn in fns)
+                        for e, fns in handlers.items()}
         self._handlers = handlers
 
     def callback(self, event: str) -> None:
@@ -345,6 +349,32 @@ class Learner:
 
         return lr_find(self, start_lr, end_lr, num_it, stop_div, suggest, plot, plot_path)
 
+    def get_preds(self, dl: Any = None, with_input: bool = False, with_loss: bool = False,
+                  act: Callable | None = None) -> tuple:
+        """Predictions and targets for every batch of `dl` (default `dls.valid`), in order, as
+        (preds, targets) on the CPU; `with_input` prepends the inputs, `with_loss` appends
+        per-item losses; `act` (e.g. softmax) is applied to the predictions. Metrics,
+        progress and other callbacks with `run_in_inference = False` sit it out."""
+        from .inference import get_preds
+
+        return get_preds(self, dl, with_input, with_loss, act)
+
+    def tta(self, n: int = 4, tfm: Callable | None = None, dl: Any = None,
+            act: Callable | None = None) -> tuple:
+        """Test-time augmentation: predictions averaged over the plain data and `n` copies
+        augmented by `tfm` (default: random left-right flips); returns (preds, targets)."""
+        from .inference import tta
+
+        return tta(self, n, tfm, dl, act)
+
+    def export(self, path: str, model_fn: Callable | None = None, args: tuple = (),
+               kwargs: dict | None = None) -> str:
+        """Save what inference needs (weights, the model's constructor and its arguments,
+        normalisation, vocab) for `nanofit.load_learner`; nothing is pickled."""
+        from .inference import export
+
+        return str(export(self, path, model_fn, args, kwargs))
+
     def show_results(self, n: int = 9, ncols: int | None = None, path: str | None = None) -> Any:
         """The first `n` validation images titled 'prediction / target'; a Figure."""
         from .images import show_results
@@ -359,9 +389,17 @@ class Learner:
         return learner_summary(self, flops)
 
     # ---- the five steps: defaults that a callback or a subclass may replace -----------------
-    def predict(self) -> None:
-        """preds = model(*inputs), the inputs being the first `n_inp` items of the batch."""
-        self.preds = self.model(*self.batch[: self.n_inp])
+    def predict(self, x: Any = None, act: Callable | None = None) -> Any:
+        """Two uses, told apart by `x`. As the loop's step (no argument): preds =
+        model(*inputs), the inputs being the first `n_inp` batch items. For inference,
+        `learn.predict(x)`: the prediction for one item (no batch dimension) or a batch, in
+        eval mode with the validation transforms; `act` (e.g. softmax) is applied to it."""
+        if x is None:
+            self.preds = self.model(*self.batch[: self.n_inp])
+            return None
+        from .inference import predict
+
+        return predict(self, x, act)
 
     def get_loss(self) -> None:
         """loss = loss_func(preds, *targets), the targets being the rest of the batch."""

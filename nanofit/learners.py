@@ -16,8 +16,11 @@ __all__ = ["TrainLearner", "MomentumLearner"]
 class TrainLearner(Learner):
     """A Learner subclass spelling out the five steps (the subclassing alternative to TrainCB)."""
 
-    def predict(self) -> None:
+    def predict(self, x: Any = None, act: Callable | None = None) -> Any:
+        if x is not None:  # inference: learn.predict(x)
+            return super().predict(x, act)
         self.preds = self.model(self.batch[0])
+        return None
 
     def get_loss(self) -> None:
         self.loss = self.loss_func(self.preds, self.batch[1])

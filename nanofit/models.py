@@ -5,6 +5,8 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from .inference import exportable
+
 __all__ = ["conv", "ResBlock", "simple_cnn", "resnet"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -51,6 +53,7 @@ def _head(nf: int, n_out: int) -> list[nn.Module]:
     return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(nf, n_out)]
 
 
+@exportable
 def simple_cnn(n_in: int = 1, n_out: int = 10, nfs: Sequence[int] = (8, 16, 32, 64),
                act: Callable[[], nn.Module] = nn.ReLU,
                norm: Callable[[int], nn.Module] | None = nn.BatchNorm2d) -> nn.Sequential:
@@ -60,6 +63,7 @@ def simple_cnn(n_in: int = 1, n_out: int = 10, nfs: Sequence[int] = (8, 16, 32, 
     return nn.Sequential(*layers, *_head(nfs[-1], n_out))
 
 
+@exportable
 def resnet(n_in: int = 1, n_out: int = 10, nfs: Sequence[int] = (16, 32, 64, 128),
            act: Callable[[], nn.Module] = nn.ReLU,
            norm: Callable[[int], nn.Module] | None = nn.BatchNorm2d) -> nn.Sequential:

@@ -25,6 +25,7 @@ class CheckpointCB(Callback):
 
     order = 1000  # last: every other callback has finished the batch whose state it saves
     run_in_lr_find = False
+    run_in_inference = False
 
     def __init__(self, path: str | Path, every_n_batches: int | None = None,
                  every_epoch: bool = True, keep: int | None = 1) -> None:

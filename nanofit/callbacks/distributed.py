@@ -54,6 +54,7 @@ class DDPCB(Callback):
 
     order = -20  # before DeviceCB: the model is on this rank's device before anything moves it
     run_in_lr_find = False
+    run_in_inference = False
 
     def __init__(self, seed: int = 0, find_unused_parameters: bool = False,
                  timeout_s: float = 600.0) -> None:

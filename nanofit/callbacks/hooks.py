@@ -23,6 +23,7 @@ class HooksCallback(Callback):
     """
 
     run_in_lr_find = False  # what the hooks record describes the real run
+    run_in_inference = False
 
     def __init__(self, hookfunc: Callable, mod_filter: Any = None, on_train: bool = True,
                  on_valid: bool = False, mods: list[nn.Module] | None = None) -> None:

@@ -76,6 +76,7 @@ class MetricsCB(Callback):
 
     order = 50
     run_in_lr_find = False  # an lr sweep is not an epoch worth a record
+    run_in_inference = False
 
     def __init__(self, *ms: Any, update_every: int = 64, max_buffered: int = 2**24,
                  **metrics: Any) -> None:
@@ -245,6 +246,7 @@ class Recorder(Callback):
 
     order = 60  # after MetricsCB, so the validation loss of the phase is ready
     run_in_lr_find = False  # records the real run; the LR finder keeps its own curve
+    run_in_inference = False
 
     def __init__(self, *hps: str, sync_every: int = 256) -> None:
         self.names = hps or None

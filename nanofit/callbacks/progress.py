@@ -45,6 +45,7 @@ class ProgressCB(Callback):
 
     order = 70  # after MetricsCB (50) and Recorder (60): this epoch's record is ready
     run_in_lr_find = False  # the LR finder's sweep has no epochs worth a table row
+    run_in_inference = False
 
     def __init__(self, plot: bool = False, file: TextIO | None = None,
                  plot_path: str = "loss.png", refresh: float = 0.5) -> None:

@@ -22,6 +22,7 @@ class ParamScheduler(Callback):
 
     order = 10
     run_in_lr_find = False  # the LR finder drives the learning rate itself
+    run_in_inference = False
 
     def __init__(self, **scheds: Schedule | Sequence[Schedule]) -> None:
         if not scheds:
@@ -72,6 +73,7 @@ def _torch_optimizer(learn: Any) -> Any:
 class _TorchSchedCB(Callback):
     order = 65  # steps after the Recorder (60) has read the rate this batch/epoch used
     run_in_lr_find = False
+    run_in_inference = False
 
     def __init__(self, sched: Callable[[Any], Any] | Any) -> None:
         if isinstance(sched, type) or (not callable(sched) and not hasattr(sched, "step")):

@@ -28,6 +28,7 @@ class _Tracker(Callback):
 
     order = 80  # after MetricsCB (50) has written the epoch's record; before CheckpointCB
     run_in_lr_find = False
+    run_in_inference = False
 
     def __init__(self, monitor: str = "loss", comp: Callable[[float, float], bool] | None = None,
                  min_delta: float = 0.0) -> None:

@@ -1,0 +1,130 @@
+"""Loggers fed by MetricsCB's records: CSVLogger and TensorBoardCB."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..distributed import is_rank0
+from ..learner import Callback
+
+__all__ = ["epoch_row", "CSVLogger", "TensorBoardCB"]
+
+
+def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
+    """One epoch's MetricsCB records as one row: {'epoch', 'train_loss', ..., 'valid_loss', ...}
+    (the format of the progress table, CSV and TensorBoard)."""
+    row: dict[str, Any] = {"epoch": epoch}
+    for record in history:
+        if record["epoch"] == epoch:
+            prefix = "train" if record["train"] == "train" else "valid"
+            row.update({f"{prefix}_{k}": v for k, v in record.items() if k not in ("epoch", "train")})
+    return row
+
+
+def _epoch_done(learn: Any) -> bool:
+    return not learn.training or not learn.run_valid
+
+
+class CSVLogger(Callback):
+    """Writes one row per epoch (the MetricsCB values of both phases) to the CSV file `path`.
+
+    An existing file is appended to (a resumed run continues it), keeping its columns."""
+
+    order = 75  # after MetricsCB (50)
+    run_in_lr_find = False
+    run_in_inference = False
+
+    def __init__(self, path: str | Path = "history.csv") -> None:
+        self.path = Path(path)
+
+    def after_epoch(self, learn: Any) -> None:
+        metrics = getattr(learn, "metrics", None)
+        if not _epoch_done(learn) or metrics not in learn.cbs or not is_rank0():
+            return
+        row = epoch_row(metrics.history, learn.epoch)
+        exists = self.path.exists() and self.path.stat().st_size > 0
+        if exists:
+            with open(self.path, newline="") as f:
+                columns = next(csv.reader(f), list(row))
+        else:
+            columns = list(row)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if not exists:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class TensorBoardCB(Callback):
+    """Logs to TensorBoard in `log_dir`: the training loss per batch, every MetricsCB value per
+    epoch, and, with ActivationStats, each hooked layer's activation histogram per epoch.
+    Needs the `tensorboard` package. Losses are read from the device once per epoch."""
+
+    order = 75
+    run_in_lr_find = False
+    run_in_inference = False
+
+    def __init__(self, log_dir: str | Path = "runs") -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as e:
+            raise ImportError("TensorBoardCB needs the tensorboard package: pip install "
+                              f"tensorboard ({e})") from None
+        self.log_dir = Path(log_dir)
+        self.writer = None
+        self.step = 0
+        self._losses: list[torch.Tensor] = []
+
+    def before_fit(self, learn: Any) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if is_rank0() and self.writer is None:
+            self.writer = SummaryWriter(str(self.log_dir))
+
+    def after_batch(self, learn: Any) -> None:
+        if learn.training and self.writer is not None:
+            self._losses.append(learn.loss.detach())
+
+    def after_epoch(self, learn: Any) -> None:
+        if self.writer is None:
+            return
+        if learn.training and self._losses:
+            for value in torch.stack(self._losses).float().cpu().tolist():
+                self.writer.add_scalar("train/batch_loss", value, self.step)
+                self.step += 1
+            self._losses = []
+        metrics = getattr(learn, "metrics", None)
+        if _epoch_done(learn) and metrics in learn.cbs:
+            for key, value in epoch_row(metrics.history, learn.epoch).items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, learn.epoch)
+            self._histograms(learn)
+            self.writer.flush()
+
+    def _histograms(self, learn: Any) -> None:
+        stats = next((cb for cb in learn.cbs if hasattr(cb, "hists") and hasattr(cb, "names")), None)
+        if stats is None:
+            return
+        lo, hi = stats.hist_range
+        edges = torch.linspace(lo, hi, stats.bins + 1)
+        for name, hist in zip(stats.names, stats.hists()):
+            if hist.shape[1] == 0:
+                continue
+            counts = hist[:, -1]
+            centres = (edges[:-1] + edges[1:]) / 2
+            total = counts.sum().item()
+            if total <= 0:
+                continue
+            self.writer.add_histogram_raw(
+                f"activations/{name}", min=lo, max=hi, num=total,
+                sum=float((counts * centres).sum()), sum_squares=float((counts * centres**2).sum()),
+                bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+                global_step=learn.epoch)
+
+    def cleanup_fit(self, learn: Any) -> None:
+        if self.writer is not None:
+            self.writer.flush()
