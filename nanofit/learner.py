@@ -352,7 +352,8 @@ class Learner:
     def get_preds(self, dl: Any = None, with_input: bool = False, with_loss: bool = False,
                   act: Callable | None = None) -> tuple:
         """Predictions and targets for every batch of `dl` (default `dls.valid`), in order, as
-        (preds, targets) on the CPU; `with_input` prepends the inputs, `with_loss` appends
+        (preds, targets) on the CPU; `with_input` prepends the inputs (as the model saw them,
+        after batch transforms), `with_loss` appends
         per-item losses; `act` (e.g. softmax) is applied to the predictions. Metrics,
         progress and other callbacks with `run_in_inference = False` sit it out."""
         from .inference import get_preds

@@ -1,0 +1,128 @@
+"""Mixed precision, gradient accumulation and clipping, augmentation, MixUp/CutMix."""
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanofit import (BatchTransformCB, Callback, CutMix, DataLoaders, GradAccumCB, GradClipCB,
+                     Learner, MetricsCB, MixedPrecision, MixUp, TensorLoader, compose,
+                     random_crop, random_erase, random_flip)
+from tests.helpers import make_dls, make_model
+
+
+def test_bf16_mixed_precision_on_cpu_trains():
+    dtypes = []
+
+    class Look(Callback):
+        order = 100
+
+        def after_predict(self, learn):
+            dtypes.append(learn.preds.dtype)
+
+    learn = Learner(make_model(), make_dls(n_train=80), F.cross_entropy, lr=0.5,
+                    cbs=[MixedPrecision(), MetricsCB(), Look()])
+    learn.fit(6)
+    losses = [r["loss"] for r in learn.metrics.history if r["train"] == "train"]
+    assert losses[-1] < losses[0]
+    assert dtypes[0] == torch.bfloat16 and all(p.dtype == torch.float32 for p in learn.model.parameters())
+
+
+def accum_weights(bs, cbs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    learn = Learner(model, DataLoaders(TensorLoader((x, y), bs)), F.mse_loss, lr=0.1, cbs=cbs)
+    learn.fit(3, valid=False)
+    return learn
+
+
+def test_accumulation_equals_one_large_batch_and_records_the_true_loss():
+    big = accum_weights(16, [])
+    losses = []
+
+    class Losses(Callback):
+        order = 100
+
+        def after_batch(self, learn):
+            true = F.mse_loss(learn.preds, learn.batch[1]).item()
+            losses.append((learn.loss.item(), true))
+
+    acc = accum_weights(4, [GradAccumCB(16), Losses()])
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert all(recorded == pytest.approx(true) for recorded, true in losses)  # not scaled by 4/16
+
+
+def test_clipping_bounds_the_gradient_norm():
+    norms = []
+
+    class Norm(Callback):
+        order = 50
+
+        def after_backward(self, learn):
+            norms.append(torch.nn.utils.get_total_norm([p.grad for p in learn.model.parameters()]))
+
+    clip = GradClipCB(0.05)
+    Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, cbs=[clip, Norm()]).fit(1)
+    assert max(n.item() for n in norms) <= 0.05 + 1e-6
+    assert clip.last_norm is not None and clip.last_norm.item() > 0.05  # it did clip
+
+
+def test_precision_accumulation_and_clipping_together():
+    learn = accum_weights(4, [MixedPrecision(), GradAccumCB(8), GradClipCB(1.0)])
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+
+
+def test_augmentations_shapes_and_effects():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    flipped = random_flip(p=1.0)(x)
+    assert torch.equal(flipped, x.flip(-1)) and torch.equal(random_flip(p=0.0)(x), x)
+    crop = random_crop(padding=2)(x)
+    assert crop.shape == x.shape
+    zero = random_crop(padding=0)(x)
+    assert torch.equal(zero, x)
+    erased = random_erase(p=1.0, scale=(0.2, 0.2))(x)
+    changed = (erased != x).float().mean().item()
+    assert 0.05 < changed < 0.5
+    both = compose(random_flip(1.0), random_flip(1.0))(x)
+    assert torch.equal(both, x)
+    torch.manual_seed(1)
+    a = random_crop(2)(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, random_crop(2)(x))  # torch's RNG: reproducible
+
+
+@pytest.mark.parametrize("mixer", [MixUp(0.4), CutMix(1.0)])
+def test_mixers_change_training_batches_only(mixer):
+    seen = []
+
+    class Look(Callback):
+        order = 50
+
+        def after_loss(self, learn):
+            perm = None if mixer.perm is None else mixer.perm.clone()
+            seen.append((learn.training, learn.batch[0].clone(), learn.preds.detach(),
+                         learn.loss.item(), mixer.lam, perm))
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    dls = DataLoaders(TensorLoader((x, y), 8), TensorLoader((x, y), 8))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    Learner(model, dls, F.cross_entropy, cbs=[mixer, Look()]).fit(1)
+    (training, xb, preds, loss, lam, perm), (v_training, v_xb, v_preds, v_loss, _, v_perm) = seen
+    assert training and not torch.equal(xb, x) and 0 <= lam <= 1
+    if isinstance(mixer, MixUp):
+        assert torch.allclose(xb, lam * x + (1 - lam) * x[perm], atol=1e-6)
+    else:  # CutMix: a box from the shuffled images, lam = the share of the original kept
+        from_x, from_other = (xb == x), (xb == x[perm])
+        assert (from_x | from_other).all()
+        assert (~from_x).float().mean().item() == pytest.approx(1 - lam, abs=1 / 16 + 1e-6)
+    expected = lam * F.cross_entropy(preds, y) + (1 - lam) * F.cross_entropy(preds, y[perm])
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert not v_training and torch.equal(v_xb, x) and v_perm is None
+    assert v_loss == pytest.approx(F.cross_entropy(v_preds, y).item(), rel=1e-5)

@@ -1,0 +1,88 @@
+"""get_preds, predict, tta, export and load_learner."""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanofit import (BatchTransformCB, DataLoaders, Learner, MetricsCB, Normalize, ProgressCB,
+                     TensorLoader, load_learner, simple_cnn)
+
+
+def image_learner():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+    dls = DataLoaders(TensorLoader((x[:24], y[:24]), 8, shuffle=True), TensorLoader((x[24:], y[24:]), 5))
+    torch.manual_seed(0)
+    learn = Learner(simple_cnn(1, 3, nfs=(4, 8)), dls, F.cross_entropy, lr=0.1,
+                    cbs=[BatchTransformCB(Normalize([0.5], [0.3])), MetricsCB(), ProgressCB()])
+    learn.fit(1)
+    return learn, x[24:], y[24:]
+
+
+def manual(learn, x):
+    learn.model.eval()
+    with torch.no_grad():
+        return learn.model((x - 0.5) / 0.3)
+
+
+def test_get_preds_order_shapes_and_options():
+    learn, xv, yv = image_learner()
+    history = list(learn.metrics.history)
+    preds, targs = learn.get_preds()
+    assert preds.shape == (16, 3) and torch.equal(targs, yv)
+    assert torch.allclose(preds, manual(learn, xv), atol=1e-6)
+    inputs, probs, targs2, losses = learn.get_preds(with_input=True, with_loss=True,
+                                                    act=lambda p: p.softmax(1))
+    assert torch.allclose(inputs, (xv - 0.5) / 0.3)  # as the model saw them (normalised)
+    assert torch.allclose(probs.sum(1), torch.ones(16))
+    assert torch.allclose(losses, F.cross_entropy(preds, yv, reduction="none"), atol=1e-6)
+    assert learn.metrics.history == history  # inference left no record
+
+
+def test_predict_one_item_or_a_batch_and_tta():
+    learn, xv, _ = image_learner()
+    expected = manual(learn, xv)
+    assert torch.allclose(learn.predict(xv[0]), expected[0], atol=1e-6)  # one item
+    assert torch.allclose(learn.predict(xv[:3]), expected[:3], atol=1e-6)  # a batch
+    avg, targs = learn.tta(n=2, tfm=lambda x: x)  # identity augmentation: the plain preds
+    assert torch.allclose(avg, expected, atol=1e-6)
+    flipped, _ = learn.tta(n=3, tfm=lambda x: x.flip(-1))
+    assert torch.allclose(flipped, (expected + 3 * manual(learn, xv.flip(-1))) / 4, atol=1e-5)
+
+
+def test_export_load_learner_predicts_the_same(tmp_path):
+    learn, xv, _ = image_learner()
+    path = learn.export(str(tmp_path / "model.pt"))
+    loaded = load_learner(path)
+    assert torch.allclose(loaded.predict(xv), learn.predict(xv), atol=1e-6)
+    assert torch.allclose(loaded.predict(xv[0]), learn.predict(xv[0]), atol=1e-6)
+
+
+class Custom(nn.Module):
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.lin = nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_export_of_a_custom_module_and_unsafe_files(tmp_path):
+    x = torch.randn(10, 4)
+    learn = Learner(Custom(4, 2), DataLoaders(TensorLoader((x, x[:, :2]), 5)), F.mse_loss)
+    with pytest.raises(ValueError, match="pass model_fn="):
+        learn.export(str(tmp_path / "m.pt"))
+    path = learn.export(str(tmp_path / "m.pt"), model_fn=Custom, args=(4, 2))
+    assert torch.allclose(load_learner(path).predict(x), learn.predict(x))
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "nanofit.export", "version": 1, "constructor": "os:system",
+                "args": ["touch pwned"], "kwargs": {}, "model": {}}, evil)
+    with pytest.raises(ValueError, match="refusing to call it"):
+        load_learner(evil)
+    torch.save({"format": "nanofit.export", "version": 1, "constructor": "antigravity:x",
+                "args": [], "kwargs": {}, "model": {}}, evil)
+    with pytest.raises(ValueError, match="which is not imported"):
+        load_learner(evil)
+    assert "antigravity" not in sys.modules
