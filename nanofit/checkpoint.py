@@ -178,6 +178,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def read_for_resume(path: str | Path, learn: Any, n_epochs: int) -> dict[str, Any]:
+    """Read a checkpoint to resume from, refusing or warning about what cannot work."""
+    ckpt = read_checkpoint(path)
+    check_resumable(ckpt, learn, n_epochs)
+    return ckpt
+
+
 def check_resumable(ckpt: dict[str, Any], learn: Any, n_epochs: int) -> None:
     """Refuse or warn about resuming from `ckpt` into this fit."""
     pos = ckpt.get("position")

@@ -8,7 +8,10 @@ import torch
 
 from .optim import check_lr
 
-__all__ = ["check_fit_args", "check_first_batch", "loss_hint", "describe"]
+ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelBatchException in "
+                  "before_epoch); raise the exception of the stage you are in, or CancelFitException")
+
+__all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe"]
 
 
 def check_fit_args(learn: Any, n_epochs: int, train: bool, valid: bool, lr: Any) -> None:

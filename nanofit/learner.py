@@ -15,7 +15,7 @@ from .callback import (EVENTS, PREDICT_STEPS, STAGES, STEPS, TRAIN_STEPS, Callba
                        CancelBatchException, CancelEpochException, CancelFitException,
                        as_cbs, check_callback, describe_loop, note_origin)
 from .checkpoint import capture_rng
-from .checks import check_first_batch, check_fit_args, describe, loss_hint
+from .checks import ESCAPED_CANCEL, check_first_batch, check_fit_args, describe, loss_hint
 from .optim import HPOptimizer, freeze_to, make_optimizer, param_groups, set_hyper
 
 __all__ = [
@@ -38,27 +38,22 @@ class Learner:
                  lr: float | Sequence[float] = 0.1, cbs: Iterable[Any] | None = None,
                  opt_func: Callable | None = torch.optim.SGD, n_inp: int = 1,
                  splitter: Callable[[nn.Module], list] | None = None) -> None:
-        self.model = model
-        self.dls = dls
+        self.model, self.dls = model, dls
         self.loss_func = loss_func
         self.lr = lr
-        self.opt_func = opt_func
-        self.n_inp = n_inp
+        self.opt_func, self.n_inp = opt_func, n_inp
         self.splitter = splitter
         self.opt = None
         self.cbs: list[Any] = []
-        self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
+        self.n_epochs, self.epoch, self.iter, self.n_iter, self.n_iter_train = 0, 0, 0, 0, 0
         self.dl: Any = None
-        self.fitting = self.phase_done = self.run_valid = False
-        self.phase: str | None = None  # "train" or "valid" while a phase runs
-        self.n_iter_train = 0
-        self.epoch_rng: dict | None = None
-        self.valid_rng: dict | None = None
-        self.resume_rng: dict | None = None
-        self.resume_cb_states: dict | None = None
         self.batch: Any = None
         self.preds: Any = None
         self.loss: Any = None
+        self.fitting = self.phase_done = self.run_valid = False
+        self.phase: str | None = None  # "train" or "valid" while a phase runs
+        # RNG states (at the epoch's and validation's start) and resume state: see checkpoint.py
+        self.epoch_rng = self.valid_rng = self.resume_rng = self.resume_cb_states = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
         self.handler_wrapper: Callable | None = None  # (event, fn) -> fn, see ProfileCB
         for cb in as_cbs(cbs):
@@ -206,7 +201,7 @@ class Learner:
             if any(cb is c for c in self.cbs):
                 raise ValueError(f"fit(cbs=...): {type(cb).__name__} is already among the "
                                  "learner's callbacks; pass it only once")
-        self._check_fit_args(n_epochs, train, valid, lr)
+        check_fit_args(self, n_epochs, train, valid, lr)
         ckpt = self._read_resume(resume, n_epochs)
         self.cbs.extend(extra)
         try:
@@ -220,9 +215,7 @@ class Learner:
             self.fitting, self.phase = True, None
             self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
         except (CancelEpochException, CancelBatchException) as e:
-            e.add_note(f"{type(e).__name__} escaped fit: it was raised outside its stage (e.g. "
-                       "CancelBatchException in before_epoch); raise the exception of the stage "
-                       "you are in, or CancelFitException")
+            e.add_note(ESCAPED_CANCEL.format(type(e).__name__))
             raise
         finally:
             self.fitting = False
@@ -230,33 +223,22 @@ class Learner:
             self._build_handlers()
 
     def _read_resume(self, resume: str | None, n_epochs: int) -> dict | None:
-        if resume is None:
-            return None
-        from .checkpoint import read_checkpoint
+        from .checkpoint import read_for_resume
 
-        from .checkpoint import check_resumable
-
-        ckpt = read_checkpoint(resume)
-        check_resumable(ckpt, self, n_epochs)
-        return ckpt
+        return None if resume is None else read_for_resume(resume, self, n_epochs)
 
     def save(self, path: str) -> str:
-        """Save a checkpoint to `path` (atomically): model, optimizer, loop position, RNG
-        states and callback states. Inside a fit, call it from after_batch or after_epoch."""
+        """Save a checkpoint (atomically); inside a fit, from after_batch or after_epoch."""
         from .checkpoint import save_checkpoint
 
         return str(save_checkpoint(self, path))
 
     def load(self, path: str, with_opt: bool = True) -> "Learner":
-        """Load model weights (and the optimizer, with `with_opt`) from a checkpoint file or
-        the newest checkpoint in a folder. To continue training exactly, use fit(resume=path)."""
+        """Load weights (and optimizer) from a checkpoint file or folder; fit(resume=) resumes."""
         from .checkpoint import load_checkpoint, read_checkpoint
 
         load_checkpoint(self, read_checkpoint(path), with_opt)
         return self
-
-    def _check_fit_args(self, n_epochs: int, train: bool, valid: bool, lr: Any) -> None:
-        check_fit_args(self, n_epochs, train, valid, lr)
 
     @property
     def opt(self) -> HPOptimizer | None:
@@ -282,13 +264,9 @@ class Learner:
         elif lr is not None:
             set_hyper(self.opt, "lr", lr)
 
-    # ---- fine-tuning --------------------------------------------------------------------------
     def freeze_to(self, n: int, train_bn: bool = True) -> None:
-        """Freeze the parameter groups before group `n` (negative counts from the end).
-
-        With `train_bn` (fastai's default), batchnorm layers stay trainable everywhere: their
-        statistics must adapt to the new data even in a frozen body.
-        """
+        """Freeze the parameter groups before group `n` (negative counts from the end); with
+        `train_bn` (fastai's default) batchnorm layers stay trainable everywhere."""
         freeze_to(self.model, self.splits(), n, train_bn)
 
     def freeze(self, train_bn: bool = True) -> None:
@@ -297,7 +275,7 @@ class Learner:
 
     def unfreeze(self) -> None:
         """Make every parameter group trainable."""
-        self.freeze_to(0)
+        self.freeze_to(0, train_bn=True)
 
     # ---- conveniences: each drives a callback or helper from its own module ---------------
     def fit_one_cycle(self, n_epochs: int, lr_max: float | Sequence[float] | None = None,
@@ -305,12 +283,8 @@ class Learner:
                       moms: Sequence[float] | None = (0.95, 0.85, 0.95), wd: float | None = None,
                       cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
         """Fit with the 1cycle policy: lr warms up from lr_max/div to lr_max (cosine) over
-        `pct_start` of training, then anneals to lr_max/div_final; momentum moves inversely.
-
-        `lr_max` may be a list, one per param group. Momentum is scheduled when the optimizer
-        uses it (SGD/RMSprop with momentum > 0, the Adam family); `moms=None` leaves it alone.
-        `wd` sets weight decay for the run; `resume` as in `fit`.
-        """
+        `pct_start`, then anneals to lr_max/div_final; momentum (when the optimizer uses it)
+        moves inversely. `lr_max` may be a list per param group; `resume` as in `fit`."""
         from .callbacks.schedule import fit_one_cycle
 
         fit_one_cycle(self, n_epochs, lr_max, div, div_final, pct_start, moms, wd, cbs, resume)
@@ -326,9 +300,8 @@ class Learner:
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
                   lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
                   **kwargs: Any) -> None:
-        """fastai's transfer-learning recipe: train the head with the body frozen for
-        `freeze_epochs`, then everything for `epochs` with discriminative rates from
-        base_lr/2/lr_mult (first group) to base_lr/2 (last), by one-cycle."""
+        """fastai's recipe: the head alone for `freeze_epochs`, then everything for `epochs`
+        with rates from base_lr/2/lr_mult (first group) to base_lr/2 (last), by one-cycle."""
         from .callbacks.schedule import fine_tune
 
         fine_tune(self, epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
@@ -336,42 +309,34 @@ class Learner:
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
                 stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
                 plot_path: str = "lr_find.png") -> Any:
-        """Try learning rates from `start_lr` growing to `end_lr` over `num_it` training batches;
-        return the suggested rate(s) (`.valley`, `.minimum`, `.steep`).
-
-        Leaves no trace: weights, optimizer, callbacks and their state, `requires_grad` and RNG
-        states are restored afterwards, so `lr_find(); fit()` trains exactly as `fit()` alone.
-        Callbacks with `run_in_lr_find = False` sit it out. The curve is kept in
-        `learn.lr_finder` (`lrs`, `losses`, `plot()`); `plot=True` shows it in a notebook,
-        else saves it to `plot_path`.
-        """
+        """Grow the lr from `start_lr` to `end_lr` over `num_it` training batches and return
+        the suggested rate(s) (`.valley`, `.minimum`, `.steep`). Leaves no trace: `lr_find();
+        fit()` trains exactly as `fit()` alone. The curve is in `learn.lr_finder`."""
         from .callbacks.lr_find import lr_find
 
         return lr_find(self, start_lr, end_lr, num_it, stop_div, suggest, plot, plot_path)
 
     def get_preds(self, dl: Any = None, with_input: bool = False, with_loss: bool = False,
                   act: Callable | None = None) -> tuple:
-        """Predictions and targets for every batch of `dl` (default `dls.valid`), in order, as
-        (preds, targets) on the CPU; `with_input` prepends the inputs (as the model saw them,
-        after batch transforms), `with_loss` appends
-        per-item losses; `act` (e.g. softmax) is applied to the predictions. Metrics,
-        progress and other callbacks with `run_in_inference = False` sit it out."""
+        """(preds, targets) for every batch of `dl` (default `dls.valid`), in order, on the CPU;
+        `with_input` prepends the inputs as the model saw them, `with_loss` appends per-item
+        losses, `act` (e.g. softmax) is applied to the predictions."""
         from .inference import get_preds
 
         return get_preds(self, dl, with_input, with_loss, act)
 
     def tta(self, n: int = 4, tfm: Callable | None = None, dl: Any = None,
             act: Callable | None = None) -> tuple:
-        """Test-time augmentation: predictions averaged over the plain data and `n` copies
-        augmented by `tfm` (default: random left-right flips); returns (preds, targets)."""
+        """(preds, targets) averaged over the plain data and `n` copies augmented by `tfm`
+        (default: random left-right flips)."""
         from .inference import tta
 
         return tta(self, n, tfm, dl, act)
 
     def export(self, path: str, model_fn: Callable | None = None, args: tuple = (),
                kwargs: dict | None = None) -> str:
-        """Save what inference needs (weights, the model's constructor and its arguments,
-        normalisation, vocab) for `nanofit.load_learner`; nothing is pickled."""
+        """Save weights, model constructor and arguments, normalisation and vocab for
+        `nanofit.load_learner` (nothing is pickled)."""
         from .inference import export
 
         return str(export(self, path, model_fn, args, kwargs))
@@ -383,8 +348,7 @@ class Learner:
         return show_results(self, n, ncols, path)
 
     def summary(self, flops: bool = True) -> Any:
-        """A table of the model's leaf modules with output shapes, parameter counts and MFLOPs
-        per item, from one batch of `dls.valid` (or `dls.train`); leaves no trace."""
+        """Leaf modules with output shapes, parameters and MFLOPs, from one batch of data."""
         from .hooks import learner_summary
 
         return learner_summary(self, flops)

@@ -137,10 +137,11 @@ def lr_find(learn: Any, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: in
             stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
             plot_path: str = "lr_find.png") -> SuggestedLRs:
     """`learn.lr_find`: see there."""
+    from ..checks import check_fit_args
     from ..state import preserve_state
 
     finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
-    learn._check_fit_args(1, True, False, None)
+    check_fit_args(learn, 1, True, False, None)
     # Enough epochs to reach num_it batches; the finder cancels the fit when done.
     n_batches = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
     with preserve_state(learn):
