@@ -128,6 +128,19 @@ def _split(files: list[Path], root: Path, train: str, valid: str, valid_pct: flo
             [f for i, f in enumerate(files) if i in valid_set])
 
 
+def _collate_same_size(batch: list) -> Any:
+    """torch's default collate, with the fix named when images differ in size."""
+    from torch.utils.data import default_collate
+
+    try:
+        return default_collate(batch)
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" in str(e):
+            raise ValueError(f"the images of a batch differ in size ({e}); pass size= to "
+                             "from_folder to resize them all") from None
+        raise
+
+
 def folder_loaders(path: str | Path, train: str = "train", valid: str = "valid",
                    valid_pct: float | None = None, bs: int = 64,
                    size: int | tuple[int, int] | None = None, num_workers: int | None = None,
@@ -143,6 +156,7 @@ def folder_loaders(path: str | Path, train: str = "train", valid: str = "valid",
     workers = default_workers() if num_workers is None else num_workers
     opts = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
             "persistent_workers": workers > 0, **kwargs}
+    opts.setdefault("collate_fn", _collate_same_size)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     return (DataLoader(train_ds, batch_size=bs, shuffle=True, generator=gen, **opts),
             DataLoader(valid_ds, batch_size=bs, shuffle=False, **opts))

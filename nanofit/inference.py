@@ -79,11 +79,20 @@ def _item_ndim(learn: Any) -> int | None:
         first = dataset[0]
         x = first[0] if isinstance(first, (tuple, list)) else first
         return x.ndim if isinstance(x, torch.Tensor) else None
-    return getattr(learn, "item_ndim", None)
+    if getattr(learn, "item_ndim", None) is not None:
+        return learn.item_ndim
+    for m in learn.model.modules():  # no data: the first layer tells what one item looks like
+        for kind, ndim in ((torch.nn.Linear, 1), (torch.nn.Conv1d, 2), (torch.nn.Conv2d, 3),
+                           (torch.nn.Conv3d, 4)):
+            if isinstance(m, kind):
+                return ndim
+    return None
 
 
-def predict(learn: Any, x: torch.Tensor, act: Callable | None = None) -> torch.Tensor:
+def predict(learn: Any, x: Any, act: Callable | None = None) -> torch.Tensor:
     """`learn.predict`: see there."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x, dtype=torch.float32)
     item_ndim = _item_ndim(learn)
     single = item_ndim is not None and x.ndim == item_ndim
     xb = x.unsqueeze(0) if single else x
@@ -94,9 +103,15 @@ def predict(learn: Any, x: torch.Tensor, act: Callable | None = None) -> torch.T
 def tta(learn: Any, n: int = 4, tfm: Callable | None = None, dl: Any = None,
         act: Callable | None = None) -> tuple:
     """`learn.tta`: see there."""
+    from torch.utils.data import RandomSampler
+
     from .augment import random_flip
     from .callbacks.transforms import BatchTransformCB
 
+    loader = dl if dl is not None else learn.dls.valid
+    if getattr(loader, "shuffle", False) or isinstance(getattr(loader, "sampler", None), RandomSampler):
+        raise ValueError("tta averages several passes item by item: give it a loader that keeps "
+                         "its order (shuffle=False)")
     tfm = tfm if tfm is not None else random_flip()
     preds, targs = get_preds(learn, dl, act=act)
     runs = [preds]
@@ -108,7 +123,12 @@ def tta(learn: Any, n: int = 4, tfm: Callable | None = None, dl: Any = None,
 
 # ---- export -----------------------------------------------------------------------------------
 def exportable(fn: Callable) -> Callable:
-    """Mark a model builder as safe for load_learner and remember each model's arguments."""
+    """Mark a model class or builder as one load_learner may call; a builder also records
+    each model's arguments, so `learn.export(path)` needs no model_fn."""
+    if isinstance(fn, type):
+        fn.nanofit_exportable = True
+        return fn
+
     def build(*args: Any, **kwargs: Any) -> torch.nn.Module:
         model = fn(*args, **kwargs)
         model.nanofit_constructor = (f"{fn.__module__}:{fn.__qualname__}", list(args), dict(kwargs))
@@ -124,9 +144,10 @@ def _reference(obj: Callable) -> str:
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
-def _resolve(ref: str) -> Callable:
-    """The class or builder named `ref`, from a module that is already imported: a file
-    cannot make load_learner import anything, nor call anything but a model constructor."""
+def _resolve(ref: str, allowed: tuple = ()) -> Callable:
+    """The class or builder named `ref`, from a module that is already imported, and marked
+    @exportable or passed in `allowed`: a file cannot make load_learner import anything, nor
+    call anything else."""
     module_name, _, qualname = ref.partition(":")
     module = sys.modules.get(module_name)
     if module is None:
@@ -136,11 +157,10 @@ def _resolve(ref: str) -> Callable:
     obj: Any = module
     for part in qualname.split("."):
         obj = getattr(obj, part, None)
-    ok = (isinstance(obj, type) and issubclass(obj, torch.nn.Module)) or getattr(
-        obj, "nanofit_exportable", False)
+    ok = getattr(obj, "nanofit_exportable", False) or any(obj is a for a in allowed)
     if not ok:
-        raise ValueError(f"load_learner: {ref!r} is not an nn.Module class or a builder marked "
-                         "with @nanofit.exportable; refusing to call it")
+        raise ValueError(f"load_learner: {ref!r} is not marked @nanofit.exportable nor passed in "
+                         "allowed=(...); refusing to call it")
     return obj
 
 
@@ -173,6 +193,13 @@ def export(learn: Any, path: str | Path, model_fn: Callable | None = None,
     if not _plain([args, kwargs]):
         raise ValueError("export: the model's arguments must be plain data (numbers, strings, "
                          f"lists, dicts), got args={args!r} kwargs={kwargs!r}")
+    rebuilt = _resolve(ref, (model_fn,) if model_fn is not None else ())(*args, **kwargs)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    mine, theirs = shapes(model), shapes(rebuilt)
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"export: {ref}(*{args}, **{kwargs}) builds a model whose weights do not "
+                         f"match this one (differing: {differ[:5]}); check the arguments")
     norm = next((cb.tfm for cb in learn.cbs if isinstance(cb, BatchTransformCB)
                  and isinstance(cb.tfm, Normalize) and cb.on_val), None)
     vocab = getattr(learn.dls, "vocab", None) if learn.dls is not None else None
@@ -183,9 +210,10 @@ def export(learn: Any, path: str | Path, model_fn: Callable | None = None,
                         "vocab": vocab}, path)
 
 
-def load_learner(path: str | Path, cpu: bool = True) -> Any:
+def load_learner(path: str | Path, cpu: bool = True, allowed: tuple = ()) -> Any:
     """A Learner for inference from `learn.export(path)`: the model rebuilt from its
-    constructor and weights, normalisation and vocab restored. Runs no code from the file."""
+    constructor and weights, normalisation and vocab restored. Runs no code from the file:
+    the constructor must be marked @nanofit.exportable, or be one of `allowed`."""
     from .callbacks.transforms import BatchTransformCB, Normalize
     from .learner import Learner
 
@@ -197,7 +225,7 @@ def load_learner(path: str | Path, cpu: bool = True) -> Any:
     if not isinstance(obj, dict) or obj.get("format") != "nanofit.export":
         raise ValueError(f"{str(path)!r} is not a nanofit export (from learn.export); "
                          "checkpoints load with learn.load")
-    model = _resolve(obj["constructor"])(*obj["args"], **obj["kwargs"])
+    model = _resolve(obj["constructor"], tuple(allowed))(*obj["args"], **obj["kwargs"])
     model.load_state_dict(obj["model"])
     model.eval()
     cbs = []

@@ -38,9 +38,7 @@ class Learner:
                  lr: float | Sequence[float] = 0.1, cbs: Iterable[Any] | None = None,
                  opt_func: Callable | None = torch.optim.SGD, n_inp: int = 1,
                  splitter: Callable[[nn.Module], list] | None = None) -> None:
-        self.model, self.dls = model, dls
-        self.loss_func = loss_func
-        self.lr = lr
+        self.model, self.dls, self.loss_func, self.lr = model, dls, loss_func, lr
         self.opt_func, self.n_inp = opt_func, n_inp
         self.splitter = splitter
         self.opt = None
@@ -56,6 +54,7 @@ class Learner:
         self.epoch_rng = self.valid_rng = self.resume_rng = self.resume_cb_states = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
         self.handler_wrapper: Callable | None = None  # (event, fn) -> fn, see ProfileCB
+        self.autocast: Callable | None = None  # () -> context for predict/get_loss (AMP)
         for cb in as_cbs(cbs):
             self.add_cb(cb)
         self._build_handlers()
@@ -135,8 +134,16 @@ class Learner:
 
     def _do_batch(self) -> None:
         run = self.callback
-        for event in PREDICT_STEPS:
-            run(event)
+        if self.autocast is None:
+            for event in PREDICT_STEPS:
+                run(event)
+        else:  # mixed precision: each forward step inside its own autocast block
+            for event in PREDICT_STEPS:
+                if event in STEPS:
+                    with self.autocast():
+                        run(event)
+                else:
+                    run(event)
         if self.model.training:
             try:
                 for event in TRAIN_STEPS:
@@ -286,7 +293,6 @@ class Learner:
         `pct_start`, then anneals to lr_max/div_final; momentum (when the optimizer uses it)
         moves inversely. `lr_max` may be a list per param group; `resume` as in `fit`."""
         from .callbacks.schedule import fit_one_cycle
-
         fit_one_cycle(self, n_epochs, lr_max, div, div_final, pct_start, moms, wd, cbs, resume)
 
     def fit_flat_cos(self, n_epochs: int, lr: float | Sequence[float] | None = None,
@@ -294,7 +300,6 @@ class Learner:
                      cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
         """Fit at a flat lr for `pct_start` of training, then anneal it to lr/div_final (cosine)."""
         from .callbacks.schedule import fit_flat_cos
-
         fit_flat_cos(self, n_epochs, lr, div_final, pct_start, wd, cbs, resume)
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
@@ -303,7 +308,6 @@ class Learner:
         """fastai's recipe: the head alone for `freeze_epochs`, then everything for `epochs`
         with rates from base_lr/2/lr_mult (first group) to base_lr/2 (last), by one-cycle."""
         from .callbacks.schedule import fine_tune
-
         fine_tune(self, epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
 
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
@@ -313,7 +317,6 @@ class Learner:
         the suggested rate(s) (`.valley`, `.minimum`, `.steep`). Leaves no trace: `lr_find();
         fit()` trains exactly as `fit()` alone. The curve is in `learn.lr_finder`."""
         from .callbacks.lr_find import lr_find
-
         return lr_find(self, start_lr, end_lr, num_it, stop_div, suggest, plot, plot_path)
 
     def get_preds(self, dl: Any = None, with_input: bool = False, with_loss: bool = False,
@@ -322,7 +325,6 @@ class Learner:
         `with_input` prepends the inputs as the model saw them, `with_loss` appends per-item
         losses, `act` (e.g. softmax) is applied to the predictions."""
         from .inference import get_preds
-
         return get_preds(self, dl, with_input, with_loss, act)
 
     def tta(self, n: int = 4, tfm: Callable | None = None, dl: Any = None,
@@ -330,7 +332,6 @@ class Learner:
         """(preds, targets) averaged over the plain data and `n` copies augmented by `tfm`
         (default: random left-right flips)."""
         from .inference import tta
-
         return tta(self, n, tfm, dl, act)
 
     def export(self, path: str, model_fn: Callable | None = None, args: tuple = (),
@@ -338,19 +339,16 @@ class Learner:
         """Save weights, model constructor and arguments, normalisation and vocab for
         `nanofit.load_learner` (nothing is pickled)."""
         from .inference import export
-
         return str(export(self, path, model_fn, args, kwargs))
 
     def show_results(self, n: int = 9, ncols: int | None = None, path: str | None = None) -> Any:
         """The first `n` validation images titled 'prediction / target'; a Figure."""
         from .images import show_results
-
         return show_results(self, n, ncols, path)
 
     def summary(self, flops: bool = True) -> Any:
         """Leaf modules with output shapes, parameters and MFLOPs, from one batch of data."""
         from .hooks import learner_summary
-
         return learner_summary(self, flops)
 
     # ---- the five steps: defaults that a callback or a subclass may replace -----------------

@@ -49,6 +49,8 @@ def test_predict_one_item_or_a_batch_and_tta():
     avg, targs = learn.tta(n=2, tfm=lambda x: x)  # identity augmentation: the plain preds
     assert torch.allclose(avg, expected, atol=1e-6)
     flipped, _ = learn.tta(n=3, tfm=lambda x: x.flip(-1))
+    with pytest.raises(ValueError, match="keeps its order"):
+        learn.tta(dl=learn.dls.train)
     assert torch.allclose(flipped, (expected + 3 * manual(learn, xv.flip(-1))) / 4, atol=1e-5)
 
 
@@ -75,11 +77,21 @@ def test_export_of_a_custom_module_and_unsafe_files(tmp_path):
     with pytest.raises(ValueError, match="pass model_fn="):
         learn.export(str(tmp_path / "m.pt"))
     path = learn.export(str(tmp_path / "m.pt"), model_fn=Custom, args=(4, 2))
-    assert torch.allclose(load_learner(path).predict(x), learn.predict(x))
+    with pytest.raises(ValueError, match="not marked @nanofit.exportable nor passed in allowed"):
+        load_learner(path)
+    loaded = load_learner(path, allowed=(Custom,))
+    assert torch.allclose(loaded.predict(x), learn.predict(x))
+    assert loaded.predict(x[0]).shape == (2,)  # one item: the Linear says items are 1-d
+    with pytest.raises(ValueError, match="do not match this one"):
+        learn.export(str(tmp_path / "bad.pt"), model_fn=Custom, args=(4, 3))
     evil = tmp_path / "evil.pt"
     torch.save({"format": "nanofit.export", "version": 1, "constructor": "os:system",
                 "args": ["touch pwned"], "kwargs": {}, "model": {}}, evil)
     with pytest.raises(ValueError, match="refusing to call it"):
+        load_learner(evil)
+    torch.save({"format": "nanofit.export", "version": 1, "constructor": "torch.nn:Linear",
+                "args": [100000, 100000], "kwargs": {}, "model": {}}, evil)
+    with pytest.raises(ValueError, match="refusing to call it"):  # no huge allocation either
         load_learner(evil)
     torch.save({"format": "nanofit.export", "version": 1, "constructor": "antigravity:x",
                 "args": [], "kwargs": {}, "model": {}}, evil)

@@ -31,7 +31,7 @@ def _epoch_done(learn: Any) -> bool:
 class CSVLogger(Callback):
     """Writes one row per epoch (the MetricsCB values of both phases) to the CSV file `path`.
 
-    An existing file is appended to (a resumed run continues it), keeping its columns."""
+    An existing file is continued (a resumed run appends); new columns widen the header."""
 
     order = 75  # after MetricsCB (50)
     run_in_lr_find = False
@@ -45,18 +45,21 @@ class CSVLogger(Callback):
         if not _epoch_done(learn) or metrics not in learn.cbs or not is_rank0():
             return
         row = epoch_row(metrics.history, learn.epoch)
-        exists = self.path.exists() and self.path.stat().st_size > 0
-        if exists:
+        rows: list[dict[str, Any]] = []
+        if self.path.exists() and self.path.stat().st_size > 0:
             with open(self.path, newline="") as f:
-                columns = next(csv.reader(f), list(row))
-        else:
-            columns = list(row)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            if not exists:
-                writer.writeheader()
-            writer.writerow(row)
+                rows = list(csv.DictReader(f))
+        columns = list(rows[0]) if rows else []
+        columns += [k for k in row if k not in columns]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if rows and list(rows[0]) == columns:  # same columns: append one line
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=columns).writerow(row)
+            return
+        with open(self.path, "w", newline="") as f:  # new file, or new columns: rewrite it
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows([*rows, row])
 
 
 class TensorBoardCB(Callback):

@@ -13,7 +13,8 @@ __all__ = ["MixedPrecision"]
 
 class MixedPrecision(Callback):
     """Runs predict and get_loss under `torch.autocast`: float16 with a GradScaler on CUDA,
-    bfloat16 on CPU (no scaler needed). The autocast block opens and closes inside each step.
+    bfloat16 on CPU (no scaler needed). It sets `learn.autocast`, which the loop opens and
+    closes around each of those two steps, whichever callback (MixUp, TrainCB...) runs them.
 
     With fp16 the gradients are unscaled right after backward, so GradClipCB and anything else
     at `after_backward` sees true gradients; steps skipped because of inf/NaN gradients are
@@ -36,21 +37,15 @@ class MixedPrecision(Callback):
         if use_scaler and self.scaler is None:
             self.scaler = torch.amp.GradScaler("cuda")
         learn.grad_scaler = self.scaler  # for callbacks that replace backward/step (GradAccumCB)
+        learn.autocast = self._autocast
         self._epoch_skipped = 0
 
     def cleanup_fit(self, learn: Any) -> None:
         learn.grad_scaler = None
+        learn.autocast = None
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device_type, dtype=self.dtype)
-
-    def predict(self, learn: Any) -> None:
-        with self._autocast():
-            type(learn).predict(learn)
-
-    def get_loss(self, learn: Any) -> None:
-        with self._autocast():
-            type(learn).get_loss(learn)
 
     def backward(self, learn: Any) -> None:
         if self.scaler is None:

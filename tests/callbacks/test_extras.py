@@ -30,9 +30,9 @@ def test_bf16_mixed_precision_on_cpu_trains():
     assert dtypes[0] == torch.bfloat16 and all(p.dtype == torch.float32 for p in learn.model.parameters())
 
 
-def accum_weights(bs, cbs):
+def accum_weights(bs, cbs, n=32):
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+    x, y = torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     learn = Learner(model, DataLoaders(TensorLoader((x, y), bs)), F.mse_loss, lr=0.1, cbs=cbs)
@@ -55,6 +55,10 @@ def test_accumulation_equals_one_large_batch_and_records_the_true_loss():
     for a, b in zip(big.model.parameters(), acc.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert all(recorded == pytest.approx(true) for recorded, true in losses)  # not scaled by 4/16
+    # 36 samples: the last group of 4 makes a smaller step, as a last batch of 4 would
+    big, acc = accum_weights(16, [], n=36), accum_weights(4, [GradAccumCB(16)], n=36)
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_clipping_bounds_the_gradient_norm():
@@ -72,9 +76,30 @@ def test_clipping_bounds_the_gradient_norm():
     assert clip.last_norm is not None and clip.last_norm.item() > 0.05  # it did clip
 
 
-def test_precision_accumulation_and_clipping_together():
-    learn = accum_weights(4, [MixedPrecision(), GradAccumCB(8), GradClipCB(1.0)])
-    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+def test_accumulation_clips_the_summed_gradient_at_the_step():
+    big = accum_weights(16, [GradClipCB(0.01)])
+    acc = accum_weights(4, [GradAccumCB(16), GradClipCB(0.01)])
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_precision_accumulation_clipping_and_mixup_together():
+    calls = []
+
+    class Spy(MixUp):
+        def get_loss(self, learn):
+            calls.append(learn.preds.dtype)
+            super().get_loss(learn)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 4, 4, generator=g), torch.randint(0, 3, (32,), generator=g)
+    dls = DataLoaders(TensorLoader((x, y), 4), TensorLoader((x, y), 8))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    learn = Learner(model, dls, F.cross_entropy, cbs=[MixedPrecision(), GradAccumCB(8),
+                                                      GradClipCB(1.0), Spy(0.4)])
+    learn.fit(1)
+    assert calls and all(dt == torch.bfloat16 for dt in calls)  # MixUp's loss, under autocast
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_augmentations_shapes_and_effects():
