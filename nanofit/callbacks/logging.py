@@ -72,11 +72,10 @@ class TensorBoardCB(Callback):
     run_in_inference = False
 
     def __init__(self, log_dir: str | Path = "runs") -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError as e:
-            raise ImportError("TensorBoardCB needs the tensorboard package: pip install "
-                              f"tensorboard ({e})") from None
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ImportError("TensorBoardCB needs the tensorboard package: pip install tensorboard")
         self.log_dir = Path(log_dir)
         self.writer = None
         self.step = 0

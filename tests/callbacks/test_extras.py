@@ -1,13 +1,10 @@
 """Mixed precision, gradient accumulation and clipping, augmentation, MixUp/CutMix."""
-import copy
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import (BatchTransformCB, Callback, CutMix, DataLoaders, GradAccumCB, GradClipCB,
+from nanofit import (Callback, CutMix, DataLoaders, GradAccumCB, GradClipCB,
                      Learner, MetricsCB, MixedPrecision, MixUp, TensorLoader, compose,
                      random_crop, random_erase, random_flip)
 from tests.helpers import make_dls, make_model
