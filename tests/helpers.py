@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from nanofit import DataLoaders, TensorLoader
+from nanofit import Callback, DataLoaders, TensorLoader
 
 
 def make_dls(n_train=40, n_valid=20, bs=8, n_in=4, n_out=3, seed=0, shuffle=False):
@@ -18,3 +18,19 @@ def make_dls(n_train=40, n_valid=20, bs=8, n_in=4, n_out=3, seed=0, shuffle=Fals
 def make_model(n_in=4, n_out=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(n_in, 8), nn.ReLU(), nn.Linear(8, n_out))
+
+
+class BatchCounter(Callback):
+    """A user's callback with state (batches seen), saved and restored via state_dict."""
+
+    def __init__(self, order=0):
+        self.order, self.n = order, 0
+
+    def after_batch(self, learn):
+        self.n += 1
+
+    def state_dict(self):
+        return {"n": self.n}
+
+    def load_state_dict(self, state):
+        self.n = state["n"]

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from nanofit import (Callback, CancelFitException, CheckpointCB, DataLoaders, Learner, MetricsCB,
                      ProgressCB, Recorder, TensorLoader)
 from nanofit.testing import assert_resumable, learner_state
+from tests.helpers import BatchCounter
 
 
 def make_learner(loader="tensor", extra=()):
@@ -41,28 +42,10 @@ def make_learner(loader="tensor", extra=()):
                         ProgressCB(file=io.StringIO()), *extra])
 
 
-class Counter(Callback):
-    """A user's stateful callback that runs late in each batch (order 100)."""
-
-    order = 100
-
-    def __init__(self):
-        self.n = 0
-
-    def after_batch(self, learn):
-        self.n += 1
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, state):
-        self.n = state["n"]
-
-
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_resume_from_any_batch_is_bit_exact(loader):
     # first batch, a middle one, last of epoch 0, first of epoch 1, the very last
-    make = lambda: make_learner(loader, extra=[Counter()])  # noqa: E731
+    make = lambda: make_learner(loader, extra=[BatchCounter(order=100)])  # runs late in each batch  # noqa: E731
     assert_resumable(make, 3, stop_at=[0, 2, 3, 4, 11], fit="fit_one_cycle", lr_max=0.1)
 
 
@@ -335,6 +318,6 @@ def test_save_and_resume_misuse_gets_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="holds a SGD optimizer, the learner has Adam"):
         adam.load(path)
     with pytest.raises(TypeError, match="give callbacks to the learner in make_learner"):
-        assert_resumable(make_learner, 1, stop_at=[0], cbs=[Counter()])
+        assert_resumable(make_learner, 1, stop_at=[0], cbs=[BatchCounter()])
     with pytest.raises(AssertionError, match="stop_at=99: the fit has only 4 training batches"):
         assert_resumable(make_learner, 1, stop_at=[99])

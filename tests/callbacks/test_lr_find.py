@@ -13,6 +13,7 @@ from torch import nn
 from nanofit import (Callback, DataLoaders, Learner, MetricsCB, ParamScheduler, ProgressCB,
                      Recorder, TensorLoader, sched_no)
 from nanofit.callbacks.lr_find import suggest_minimum, suggest_steep, suggest_valley
+from tests.helpers import BatchCounter
 
 
 def bn_dropout_model(seed=0):
@@ -26,22 +27,6 @@ def shuffled_dls(seed=0, n=64, bs=8):
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
     return DataLoaders(TensorLoader((x, y), bs, shuffle=True, generator=torch.Generator().manual_seed(1)),
                        TensorLoader((x[:16], y[:16]), bs))
-
-
-class BatchCounter(Callback):
-    """A user callback with state: lr_find runs it, and must put its state back."""
-
-    def __init__(self):
-        self.n = 0
-
-    def after_batch(self, learn):
-        self.n += 1
-
-    def state_dict(self):
-        return {"n": self.n}
-
-    def load_state_dict(self, state):
-        self.n = state["n"]
 
 
 def make_learner(seed=0):

@@ -1,5 +1,7 @@
 """Early stopping, keeping the best model, lowering the lr on a plateau, stopping on NaN."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,19 @@ class Scripted:
     def compute(self):
         self.calls += 1  # training and validation phases both compute
         return self.values[self.calls // 2]
+
+
+class SnapshotWeights(Callback):
+    """Keeps the first layer's weights after every validation phase."""
+
+    order = 100
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def after_epoch(self, learn):
+        if not learn.training:
+            self.weights.append(learn.model[0].weight.detach().clone())
 
 
 def test_early_stopping_stops_at_the_right_epoch(capsys):
@@ -57,13 +72,7 @@ def test_trackers_need_metrics_and_a_known_monitor():
 def test_save_best_reloads_the_best_weights(tmp_path):
     metric = Scripted([0.3, 0.9, 0.5, 0.4])
     weights = []
-
-    class Snapshot(Callback):
-        order = 100
-
-        def after_epoch(self, learn):
-            if not learn.training:
-                weights.append(learn.model[0].weight.detach().clone())
+    Snapshot = partial(SnapshotWeights, weights)
 
     best = SaveBestCB("acc", tmp_path / "best.pt")
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.5,
@@ -113,13 +122,7 @@ def test_terminate_on_nan_stops_before_the_step_and_keeps_the_checkpoint(tmp_pat
 def test_save_best_with_early_stopping_ends_with_the_best_weights(tmp_path):
     metric = Scripted([0.3, 0.9, 0.5, 0.4, 0.2])
     weights = []
-
-    class Snapshot(Callback):
-        order = 100
-
-        def after_epoch(self, learn):
-            if not learn.training:
-                weights.append(learn.model[0].weight.detach().clone())
+    Snapshot = partial(SnapshotWeights, weights)
 
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.5,
                     cbs=[MetricsCB(acc=metric), SaveBestCB("acc", tmp_path / "b.pt"),
