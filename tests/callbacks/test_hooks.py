@@ -134,6 +134,10 @@ def test_long_fit_keeps_only_the_statistics():
     recorded = stats.stats
     assert [s.shape[0] for s in recorded] == [2000, 2000]
     assert all(not s.requires_grad and s.grad_fn is None for s in recorded)
+    gc.collect()  # and nothing anywhere still holds a piece of an autograd graph
+    graphs = [o for o in gc.get_objects()
+              if issubclass(type(o), torch.Tensor) and not o.is_meta and o.grad_fn is not None]
+    assert graphs == []
     stats_bytes = sum(s.numel() * s.element_size() for s in recorded)  # 2 x 2000 x 12 floats
     assert abs(grown - stats_bytes) < 32 * 1024, (grown, stats_bytes)
 
