@@ -342,15 +342,18 @@ def test_traincb_and_trainlearner_match_the_default_loop():
         assert all(torch.equal(ref[k], other[k]) for k in ref)
 
 
+class TwoIn(nn.Module):
+    """A model with two inputs (n_inp=2)."""
+
+    def __init__(self, n_out=1):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, n_out), nn.Linear(2, n_out)
+
+    def forward(self, xa, xb):
+        return self.a(xa) + self.b(xb)
+
+
 def test_traincb_n_inp_two_inputs():
-    class TwoIn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 1), nn.Linear(2, 1)
-
-        def forward(self, xa, xb):
-            return self.a(xa) + self.b(xb)
-
     g = torch.Generator().manual_seed(0)
     xa, xb = torch.randn(32, 3, generator=g), torch.randn(32, 2, generator=g)
     y = xa.sum(1, keepdim=True) - xb.sum(1, keepdim=True)
@@ -426,18 +429,10 @@ def test_bad_data_and_frozen_model_are_reported_before_training():
 def test_traincb_n_inp_reaches_metrics():
     from nanofit import MetricsCB
 
-    class TwoIn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(3, 3), nn.Linear(2, 3)
-
-        def forward(self, xa, xb):
-            return self.a(xa) + self.b(xb)
-
     xa, xb, y = torch.randn(16, 3), torch.randn(16, 2), torch.randint(0, 3, (16,))
     dls = DataLoaders(TensorLoader((xa, xb, y), 8), TensorLoader((xa, xb, y), 8))
     metrics = MetricsCB()
-    Learner(TwoIn(), dls, F.cross_entropy, cbs=[TrainCB(n_inp=2), metrics]).fit(1)
+    Learner(TwoIn(n_out=3), dls, F.cross_entropy, cbs=[TrainCB(n_inp=2), metrics]).fit(1)
     assert len(metrics.history) == 2
 
 

@@ -10,18 +10,7 @@ import torch
 from ..distributed import is_rank0
 from ..learner import Callback
 
-__all__ = ["epoch_row", "CSVLogger", "TensorBoardCB"]
-
-
-def epoch_row(history: list[dict[str, Any]], epoch: int) -> dict[str, Any]:
-    """One epoch's MetricsCB records as one row: {'epoch', 'train_loss', ..., 'valid_loss', ...}
-    (the format of the progress table, CSV and TensorBoard)."""
-    row: dict[str, Any] = {"epoch": epoch}
-    for record in history:
-        if record["epoch"] == epoch:
-            prefix = "train" if record["train"] == "train" else "valid"
-            row.update({f"{prefix}_{k}": v for k, v in record.items() if k not in ("epoch", "train")})
-    return row
+__all__ = ["CSVLogger", "TensorBoardCB"]
 
 
 def _epoch_done(learn: Any) -> bool:
@@ -44,7 +33,7 @@ class CSVLogger(Callback):
         metrics = getattr(learn, "metrics", None)
         if not _epoch_done(learn) or metrics not in learn.cbs or not is_rank0():
             return
-        row = epoch_row(metrics.history, learn.epoch)
+        row = metrics.epoch_row(learn.epoch)
         rows: list[dict[str, Any]] = []
         if self.path.exists() and self.path.stat().st_size > 0:
             with open(self.path, newline="") as f:
@@ -101,7 +90,7 @@ class TensorBoardCB(Callback):
             self._losses = []
         metrics = getattr(learn, "metrics", None)
         if _epoch_done(learn) and metrics in learn.cbs:
-            for key, value in epoch_row(metrics.history, learn.epoch).items():
+            for key, value in metrics.epoch_row(learn.epoch).items():
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, learn.epoch)
             self._histograms(learn)

@@ -207,6 +207,20 @@ class MetricsCB(Callback):
     def cleanup_epoch(self, learn: Any) -> None:
         self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
 
+    def epoch_row(self, epoch: int) -> dict[str, Any]:
+        """The latest records of `epoch` as one row, {'epoch', 'train_loss', ..., 'valid_loss',
+        ...}: the format of the progress table, CSVLogger and TensorBoardCB."""
+        row: dict[str, Any] = {"epoch": epoch}
+        latest = []
+        for record in reversed(self.history):  # this fit's phases of that epoch, not older ones
+            if record["epoch"] != epoch or any(r["train"] == record["train"] for r in latest):
+                break
+            latest.insert(0, record)
+        for record in latest:
+            prefix = "train" if record["train"] == "train" else "valid"
+            row.update({f"{prefix}_{k}": v for k, v in record.items() if k not in ("epoch", "train")})
+        return row
+
     def state_dict(self) -> dict[str, Any]:
         """The history and everything of the current phase so far: running totals, metric
         states and the batches not yet handed to the metrics. Saving does not flush, so a run

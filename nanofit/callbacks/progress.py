@@ -100,11 +100,7 @@ class ProgressCB(Callback):
         metrics = getattr(learn, "metrics", None)
         if metrics not in learn.cbs or not metrics.history:  # none, or one from an earlier fit
             return
-        record = metrics.history[-1]
-        prefix = "train" if record["train"] == "train" else "valid"
-        for key, value in record.items():
-            if key not in ("epoch", "train"):
-                self._row[f"{prefix}_{key}"] = value
+        self._row.update(metrics.epoch_row(learn.epoch))
 
     def cleanup_epoch(self, learn: Any) -> None:
         if self._bar is not None:

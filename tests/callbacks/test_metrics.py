@@ -189,3 +189,14 @@ def test_metric_error_names_the_metric_and_shapes_at_the_first_batch():
     assert "metric 'mae' (MeanAbsoluteError) got preds of shape (4, 3)" in notes
     assert "targets of shape (4,)" in notes
     assert seen == [0]  # it failed on the first batch, not after a whole epoch
+
+
+def test_epoch_row_uses_only_the_latest_records_of_that_epoch():
+    dls, _, _ = uneven_dls()
+    metrics = MetricsCB()
+    learn = Learner(make_model(), dls, F.cross_entropy, cbs=[metrics])
+    learn.fit(1)
+    assert set(metrics.epoch_row(0)) == {"epoch", "train_loss", "valid_loss"}
+    learn.fit(1, train=False)  # a second fit's epoch 0: validation only
+    row = metrics.epoch_row(0)
+    assert set(row) == {"epoch", "valid_loss"} and row["valid_loss"] == metrics.history[-1]["loss"]
