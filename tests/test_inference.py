@@ -85,6 +85,7 @@ def test_export_of_a_custom_module_and_unsafe_files(tmp_path):
     with pytest.raises(ValueError, match="do not match this one"):
         learn.export(str(tmp_path / "bad.pt"), model_fn=Custom, args=(4, 3))
     evil = tmp_path / "evil.pt"
+    before = set(sys.modules)
     torch.save({"format": "nanofit.export", "version": 1, "constructor": "os:system",
                 "args": ["touch pwned"], "kwargs": {}, "model": {}}, evil)
     with pytest.raises(ValueError, match="refusing to call it"):
@@ -95,6 +96,14 @@ def test_export_of_a_custom_module_and_unsafe_files(tmp_path):
         load_learner(evil)
     torch.save({"format": "nanofit.export", "version": 1, "constructor": "antigravity:x",
                 "args": [], "kwargs": {}, "model": {}}, evil)
-    with pytest.raises(ValueError, match="which is not imported"):
+    with pytest.raises(ValueError, match="refusing to call it"):
         load_learner(evil)
     assert "antigravity" not in sys.modules
+    # names that merely start like registered ones, or walk attributes, match nothing
+    for name in ("nanofit.models:simple_cnn.__globals__", "unittest.mock:call",
+                 "ctypes:cdll.LoadLibrary", "torch:_dynamo.config"):
+        torch.save({"format": "nanofit.export", "version": 1, "constructor": name,
+                    "args": [], "kwargs": {}, "model": {}}, evil)
+        with pytest.raises(ValueError, match="refusing to call it"):
+            load_learner(evil)
+    assert "torch._dynamo" not in sys.modules or "torch._dynamo" in before

@@ -301,7 +301,10 @@ def test_show_training_loop_lists_callbacks_in_dispatch_order(capsys):
     assert "before_batch: B.before_batch, A.before_batch" in out
     assert "predict: A.predict" in out
     assert "get_loss: Learner.get_loss" in out
-    printed = [line.strip().split(":")[0] for line in out.splitlines()]
+    orders, loop = out.split("\nbefore_fit", 1)
+    assert orders.splitlines()[1:] == ["       0  DEFAULT               B",
+                                       "       2                        A"]  # run order
+    printed = [line.strip().split(":")[0] for line in ("before_fit" + loop).splitlines()]
     assert set(EVENTS) | set(STEPS) == set(printed)
     # The printed order is the order a real training batch runs its events in.
     seen, _ = recorded_fit(n_train=8, n_valid=8, bs=8)

@@ -60,7 +60,9 @@ def test_profile_table_lists_every_callback_that_ran():
                  "Learner.predict", "Learner.backward", "Learner.step"):
         assert name in table, name
     assert prof.calls[("after_batch", "MetricsCB.after_batch")] == 8  # 5 train + 3 valid
-    assert not learn.handler_wrapper  # timing removed after the fit
+    learn.rm_cb(prof)
+    learn.fit(1)  # without the callback nothing is timed (or wrapped) any more
+    assert prof.calls[("after_batch", "MetricsCB.after_batch")] == 8
 
 
 def test_compile_trains_on_cpu():

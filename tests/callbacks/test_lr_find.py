@@ -47,8 +47,8 @@ def everything(learn):
         "opt_state": None if opt_state is None else
         {i: {k: v.clone() for k, v in s.items()} for i, s in opt_state["state"].items()},
         "cbs": list(learn.cbs),
-        "history": [dict(r) for r in learn.metrics.history] if hasattr(learn, "metrics") else None,
-        "rec_losses": list(learn.recorder.losses) if hasattr(learn, "recorder") else None,
+        "history": [dict(r) for r in learn.metrics.history] if learn.metrics is not None else None,
+        "rec_losses": list(learn.recorder.losses) if learn.recorder is not None else None,
         "counted": learn.cbs[-1].n,
         "torch_rng": torch.random.get_rng_state(),
         "python_rng": random.getstate(),

@@ -1,0 +1,171 @@
+"""The event contract: the Callback base, the Cancel exceptions, event names and checks."""
+from __future__ import annotations
+
+import difflib
+import inspect
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from .learner import Learner
+
+__all__ = ["Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
+           "Order", "EVENTS", "STEPS", "STAGES", "check_callback", "note_origin", "where",
+           "as_cbs", "describe_loop", "describe_orders", "runs_in"]
+
+
+class CancelFitException(Exception):
+    """Raise in a callback to stop the fit; `after_cancel_fit` and `cleanup_fit` run."""
+
+
+class CancelEpochException(Exception):
+    """Raise in a callback to stop the current epoch phase; the next one starts."""
+
+
+class CancelBatchException(Exception):
+    """Raise in a callback to stop the current batch; the next batch starts."""
+
+
+# The step methods: the Learner has defaults; a callback (or subclass) defining one replaces it.
+STEPS = ("predict", "get_loss", "backward", "step", "zero_grad")
+
+# A batch's steps and events in the order learner._do_batch runs them (show_training_loop).
+BATCH_EVENTS = ("predict", "after_predict", "get_loss", "after_loss",
+                "backward", "after_backward", "step", "after_step", "zero_grad")
+
+# stage -> (its cancel exception, before, after, after_cancel, cleanup); names built once, here.
+STAGES = {
+    stage: (exc, f"before_{stage}", f"after_{stage}", f"after_cancel_{stage}", f"cleanup_{stage}")
+    for stage, exc in (("fit", CancelFitException), ("epoch", CancelEpochException),
+                       ("batch", CancelBatchException))
+}
+
+# Every event in the order a normal fit first reaches it.
+EVENTS = (
+    "before_fit", "before_epoch", "before_batch", "after_predict", "after_loss",
+    "after_backward", "after_step", "after_batch", "after_epoch", "after_fit",
+    "after_cancel_batch", "after_cancel_epoch", "after_cancel_fit",
+    "cleanup_batch", "cleanup_epoch", "cleanup_fit",
+)
+
+
+class Order:
+    """Where the shipped callbacks run in each event (lower first): the whole ordering in one
+    table. A callback of your own takes one of these, or a number between two of them
+    (`order = Order.METRICS + 1`); the default is `Order.DEFAULT` (0)."""
+
+    PROFILE = -1000       # ProfileCB: outermost, so it times every other handler
+    DISTRIBUTED = -20     # DDPCB: the model goes to this rank's device and into DDP first
+    COMPILE = -15         # CompileCB: compiles the (DDP-wrapped) model before it moves
+    DEVICE = -10          # DeviceCB: model and batch on the device before anyone reads them
+    TRANSFORM = -5        # BatchTransformCB: runs on the device-resident batch
+    NAN_CHECK = -5        # TerminateOnNaNCB: stops at after_loss before anything acts on it
+    DEFAULT = 0           # TrainCB, MixUp/CutMix, your callbacks: after the batch is ready
+    SINGLE_BATCH = 1      # SingleBatchCB: cancels after the default callbacks saw the batch
+    PRECISION = 5         # MixedPrecision: its backward/step are replaced by GradAccumCB's
+    ACTIVATIONS = 5       # ActivationStats
+    ACCUMULATE = 10       # GradAccumCB: after MixedPrecision, so its steps win
+    SCHEDULE = 10         # ParamScheduler: sets hyper-parameters before the batch
+    CLIP = 20             # GradClipCB: after_backward, once the gradients are unscaled
+    METRICS = 50          # MetricsCB: after the steps; its record is ready at after_epoch
+    RECORDER = 60         # Recorder: reads the validation record MetricsCB just wrote
+    TORCH_SCHEDULE = 65   # BatchSchedCB, EpochSchedCB: step after the Recorder read the rate
+    PROGRESS = 70         # ProgressCB: shows the records of MetricsCB and Recorder
+    LOGGER = 75           # CSVLogger, TensorBoardCB: write MetricsCB's records
+    TRACKER = 80          # EarlyStopping, SaveBest, ReduceLROnPlateau: read the records
+    LR_FINDER = 100       # LRFinderCB: sets the lr last, over any scheduler
+    CHECKPOINT = 1000     # CheckpointCB: saves once every other callback finished the batch
+    LAST = 10_000         # internal observers (get_preds' capture, assert_resumable's stop)
+
+
+class Callback:
+    """Base class for callbacks: define any event method, e.g. `def after_batch(self, learn)`.
+
+    `order` sorts callbacks (lower runs first; see `Order`). `main_fit_only = True` marks a
+    callback that belongs to the training run you asked for (metrics, progress, loggers,
+    schedules, trackers, checkpoints): it sits out the short fits the learner runs for you,
+    `lr_find()`'s sweep and `get_preds`/`predict`/`tta`. `run_in_lr_find` or
+    `run_in_inference`, if a callback sets them, decide for that one case instead.
+    """
+
+    order: int = Order.DEFAULT
+    main_fit_only: bool = False
+
+
+def runs_in(cb: Any, helper: str) -> bool:
+    """Whether `cb` takes part in the learner's helper fit `helper` ('lr_find' or 'inference')."""
+    return bool(getattr(cb, f"run_in_{helper}", not getattr(cb, "main_fit_only", False)))
+
+
+def where(fn: Callable) -> str:
+    """'ClassName.method' for a bound method or a plain function (seen through wrappers that
+    set `__wrapped__`, like functools.wraps), for error notes and show_training_loop."""
+    fn = inspect.unwrap(fn)
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return f"{type(owner).__name__}.{fn.__name__}"
+    return getattr(fn, "__qualname__", repr(fn))
+
+
+def note_origin(e: BaseException, fn: Callable, event: str) -> None:
+    """Add 'raised in X.event' to an exception once: the innermost place is the useful one."""
+    notes = getattr(e, "__notes__", ())
+    if not any(n.startswith("raised in ") for n in notes):
+        e.add_note(f"raised in {where(fn)} (event '{event}')")
+
+
+def check_callback(cb: Any) -> None:
+    """Reject what cannot be a callback, and warn about event names with typos."""
+    if isinstance(cb, type):
+        raise TypeError(f"cbs got the class {cb.__name__}, not an instance of it; "
+                        f"pass {cb.__name__}() instead")
+    if not hasattr(cb, "order"):
+        raise TypeError(f"cbs got {cb!r} of type {type(cb).__name__}, which has no `order` "
+                        "attribute; subclass nanofit.Callback or give it `order = 0`")
+    known = set(EVENTS) | set(STEPS) | {"wrap_handler"}  # close to an event: probably a typo
+    for name in dir(type(cb)):
+        if name.startswith("_") or name in known or not callable(getattr(type(cb), name)):
+            continue
+        close = difflib.get_close_matches(name, EVENTS + STEPS, n=1, cutoff=0.85)
+        if close:
+            warnings.warn(f"{type(cb).__name__}.{name} matches no event and will never run; "
+                          f"did you mean {close[0]!r}?", UserWarning, stacklevel=4)
+
+
+def as_cbs(cbs: Any) -> list[Any]:
+    """Callbacks as a list: None gives [], a single callback gives [it]."""
+    if cbs is None:
+        return []
+    if isinstance(cbs, type) or hasattr(cbs, "order"):
+        return [cbs]
+    return list(cbs)
+
+
+def describe_loop(handlers: dict[str, tuple[Callable, ...]]) -> str:
+    """The training loop as text: each event, indented by stage, with what runs there."""
+    indent = {"fit": 0, "epoch": 2, "batch": 4}
+    lines = []
+
+    def add(event: str, depth: int) -> None:
+        names = [where(fn) for fn in handlers[event]]
+        lines.append(" " * depth + f"{event}: " + (", ".join(names) if names else "-"))
+
+    for stage in ("fit", "epoch", "batch"):
+        add(STAGES[stage][1], indent[stage])
+    for event in BATCH_EVENTS:
+        add(event, 6)
+    for stage in ("batch", "epoch", "fit"):
+        for event in STAGES[stage][2:]:
+            add(event, indent[stage])
+    return "\n".join(lines)
+
+
+def describe_orders(cbs: list[Any]) -> str:
+    """The callbacks in the order they run, each with its `order` and the `Order` name it has."""
+    names: dict[int, list[str]] = {}
+    for name, value in vars(Order).items():
+        if not name.startswith("_"):
+            names.setdefault(value, []).append(name)
+    rows = [f"  {cb.order:>6}  {'/'.join(names.get(cb.order, [])):<22}{type(cb).__name__}"
+            for cb in sorted(cbs, key=lambda c: c.order)]
+    return "callbacks (order, name):\n" + ("\n".join(rows) if rows else "  -")

@@ -1,0 +1,111 @@
+"""CheckpointCB: periodic checkpoints, mid-epoch included, and a checkpoint on Ctrl-C."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint import SUFFIX, save_checkpoint
+from ..distributed import is_rank0
+from ..callback import Callback, Order
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["CheckpointCB"]
+
+
+class CheckpointCB(Callback):
+    """Saves checkpoints into the folder `path` every `every_n_batches` training batches
+    and/or after every epoch, keeping the newest `keep` files.
+
+    Ctrl-C during the fit does not stop in the middle of a batch: the batch finishes, a
+    checkpoint is saved, every cleanup runs and KeyboardInterrupt reaches you; a second
+    Ctrl-C stops at once. Resume with `learn.fit(n_epochs, resume=path)`.
+    """
+
+    order = Order.CHECKPOINT
+    main_fit_only = True
+
+    def __init__(self, path: str | Path, every_n_batches: int | None = None,
+                 every_epoch: bool = True, keep: int | None = 1) -> None:
+        if every_n_batches is not None and every_n_batches < 1:
+            raise ValueError(f"CheckpointCB: every_n_batches must be >= 1 or None, got {every_n_batches}")
+        if keep is not None and keep < 1:
+            raise ValueError(f"CheckpointCB: keep must be >= 1 or None (keep all), got {keep}")
+        self.path = Path(path)
+        self.every_n_batches = every_n_batches
+        self.every_epoch = every_epoch
+        self.keep = keep
+        self.saved: list[Path] = []
+        self.interrupted = False
+        self._old_handler: Any = None
+
+    # ---- Ctrl-C: finish the batch, save, then stop --------------------------------------------
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.interrupted:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.interrupted = True
+        print("\nnanofit: interrupted; finishing this batch and saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def before_fit(self, learn: Learner) -> None:
+        if is_rank0():
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.interrupted = False
+        # Files already there (an earlier run, or the run being resumed) count towards `keep`.
+        existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
+        self.saved = [f for f in existing if f not in self.saved] + [f for f in self.saved if f.exists()]
+        if threading.current_thread() is threading.main_thread():
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
+            self._old_handler = None
+
+    # ---- when to save -----------------------------------------------------------------------
+    def after_batch(self, learn: Learner) -> None:
+        if self.interrupted:
+            self.save(learn)
+            raise KeyboardInterrupt(f"interrupted; checkpoint saved to {self.saved[-1]}")
+        n = self.every_n_batches
+        if n and learn.training and (learn.iter + 1) % n == 0:
+            self.save(learn)
+
+    def after_epoch(self, learn: Learner) -> None:
+        last_phase = not learn.training or not learn.run_valid
+        if self.every_epoch and last_phase:
+            self.save(learn)
+
+    def after_cancel_fit(self, learn: Learner) -> None:
+        # Stopped at an epoch's end (early stopping): keep that epoch too. A cancel in the
+        # middle of a batch (TerminateOnNaNCB) leaves the last good checkpoint as it is.
+        if self.every_epoch and learn.position.phase_done and (not learn.training or not learn.run_valid):
+            self.save(learn)
+        self._stop_if_interrupted(learn)
+
+    def after_fit(self, learn: Learner) -> None:
+        self._stop_if_interrupted(learn)
+
+    def _stop_if_interrupted(self, learn: Learner) -> None:
+        if self.interrupted:  # Ctrl-C came after the last batch: the fit is complete, say so
+            path = self.save(learn)
+            raise KeyboardInterrupt(f"interrupted; checkpoint saved to {path}")
+
+    def save(self, learn: Learner) -> Path:
+        """Save a checkpoint now, named by its loop position; prune old ones. Under
+        torch.distributed only rank 0 writes."""
+        epoch, done, train_done = learn.position.now(learn)
+        name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{SUFFIX}"
+        if not is_rank0():
+            return self.path / name
+        path = save_checkpoint(learn, self.path / name)
+        if path in self.saved:
+            self.saved.remove(path)
+        self.saved.append(path)
+        while self.keep is not None and len(self.saved) > self.keep:
+            self.saved.pop(0).unlink(missing_ok=True)
+        return path

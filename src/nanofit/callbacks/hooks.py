@@ -1,0 +1,203 @@
+"""Hooks during training: HooksCallback, and ActivationStats with its three plots."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+from ..hooks import Hook, Hooks, first_tensor, select_modules
+from ..plots import new_figure, save_figure
+from ..callback import Callback, Order
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["HooksCallback", "ActivationStats"]
+
+
+class HooksCallback(Callback):
+    """Registers `hookfunc(hook, module, inp, outp)` on chosen modules for the length of a fit.
+
+    Modules: `mods`, or every module passing `mod_filter` (a type, tuple of types or predicate;
+    default: every leaf module). The function runs in training batches if `on_train`, in
+    validation batches if `on_valid`. Hooks go in at `before_fit` and are removed in
+    `cleanup_fit`, whether the fit ends normally, is cancelled, or fails.
+    """
+
+    main_fit_only = True
+
+    def __init__(self, hookfunc: Callable, mod_filter: Any = None, on_train: bool = True,
+                 on_valid: bool = False, mods: list[nn.Module] | None = None) -> None:
+        self.hookfunc = hookfunc
+        self.mod_filter = mod_filter
+        self.on_train, self.on_valid = on_train, on_valid
+        self.mods = mods
+        self.hooks: Hooks | None = None
+        self._active = False
+
+    def before_fit(self, learn: Learner) -> None:
+        mods = self.mods if self.mods is not None else select_modules(learn.model, self.mod_filter)
+        if not mods:
+            raise ValueError(f"{type(self).__name__}: no module of the model passes mod_filter="
+                             f"{self.mod_filter!r}; pass a layer type the model has, or mods=[...]")
+        self.hooks = Hooks(mods, self._call)
+
+    def before_batch(self, learn: Learner) -> None:
+        self._active = self.on_train if learn.training else self.on_valid
+
+    def _call(self, hook: Hook, module: nn.Module, inp: tuple, outp: Any) -> None:
+        if self._active:
+            self.hookfunc(hook, module, inp, outp)
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+        self._active = False
+
+
+class ActivationStats(HooksCallback):
+    """Per hooked module and training batch: mean, std and a histogram of |activations|.
+
+    Statistics are computed on the device inside the hook and copied to the CPU in one
+    transfer every `sync_every` recorded batches, so hooks add no host sync per batch.
+    `every=n` records one training batch in n. Results: `stats[i]` is a `(n_records, 2 + bins)`
+    tensor for hooked module i (mean, std, histogram counts over `hist_range`, values beyond
+    it counted in the last bin); `plot_stats()`, `color_dim()` and `dead_chart()` draw them.
+    Example: `ActivationStats(nn.ReLU)` or `ActivationStats(mods=[model[0], model[2]])`.
+    """
+
+    order = Order.ACTIVATIONS
+
+    def __init__(self, mod_filter: Any = None, every: int = 1, bins: int = 40,
+                 hist_range: tuple[float, float] = (0.0, 10.0), sync_every: int = 64,
+                 mods: list[nn.Module] | None = None) -> None:
+        if every < 1 or bins < 2:
+            raise ValueError(f"ActivationStats needs every >= 1 and bins >= 2, got {every}, {bins}")
+        super().__init__(self._record, mod_filter, on_train=True, on_valid=False, mods=mods)
+        self.every, self.bins, self.hist_range, self.sync_every = every, bins, hist_range, sync_every
+        self.names: list[str] = []
+        self._chunks: list[list[torch.Tensor]] = []
+        self._pending: list[torch.Tensor] = []
+        self._pending_mod: list[int] = []
+        self._n_train = 0
+
+    def before_fit(self, learn: Learner) -> None:
+        super().before_fit(learn)
+        names = {m: name for name, m in learn.model.named_modules()}
+        self.names = [f"{names.get(h.module, '?')} ({type(h.module).__name__})" for h in self.hooks]
+        self._index = {id(h.module): i for i, h in enumerate(self.hooks)}
+        self._chunks = [[] for _ in self.hooks]
+        self._pending, self._pending_mod, self._n_train = [], [], 0
+
+    def before_batch(self, learn: Learner) -> None:
+        self._seen: set[int] = set()
+        if learn.training:
+            self._active = self._n_train % self.every == 0
+            self._n_train += 1
+        else:
+            self._active = False
+
+    def _record(self, hook: Hook, module: nn.Module, inp: tuple, outp: Any) -> None:
+        i = self._index[id(module)]
+        t = first_tensor(outp)
+        if t is None or i in self._seen:  # one row per module per batch (a module may run twice)
+            return
+        self._seen.add(i)
+        with torch.no_grad():
+            x = t.detach().float()
+            lo, hi = self.hist_range
+            hist = torch.histc(x.abs().clamp_(max=hi), self.bins, lo, hi)
+            row = torch.cat([torch.stack([x.mean(), x.std()]), hist])
+        self._pending.append(row)
+        self._pending_mod.append(i)
+
+    def after_batch(self, learn: Learner) -> None:
+        if self._active and len(self._pending) >= self.sync_every * len(self._chunks):
+            self._sync()
+
+    def _sync(self) -> None:
+        """Move the pending rows to the CPU in one copy and file them per module."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).cpu()
+        owner = torch.tensor(self._pending_mod)
+        for i, chunks in enumerate(self._chunks):
+            chunks.append(rows[owner == i])
+        self._pending, self._pending_mod = [], []
+
+    def cleanup_epoch(self, learn: Learner) -> None:
+        self._sync()
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        self._sync()
+        super().cleanup_fit(learn)
+
+    @property
+    def stats(self) -> list[torch.Tensor]:
+        """Per hooked module, a (records, 2 + bins) CPU tensor: mean, std, histogram."""
+        self._sync()
+        return [torch.cat(c) if c else torch.zeros(0, 2 + self.bins) for c in self._chunks]
+
+    def means(self) -> list[torch.Tensor]:
+        return [s[:, 0] for s in self.stats]
+
+    def stds(self) -> list[torch.Tensor]:
+        return [s[:, 1] for s in self.stats]
+
+    def hists(self) -> list[torch.Tensor]:
+        """Per module, a (bins, records) tensor of counts: the picture `color_dim` draws."""
+        return [s[:, 2:].T for s in self.stats]
+
+    def dead_fraction(self) -> list[torch.Tensor]:
+        """Per module and record, the fraction of activations in the lowest bin (near zero)."""
+        return [h[0] / h.sum(0).clamp(min=1) for h in self.hists()]
+
+    # ---- plots --------------------------------------------------------------------------
+    def plot_stats(self, path: str | None = None):
+        """Means and standard deviations of each hooked module over training; a Figure."""
+        fig = new_figure(figsize=(10, 4))
+        ax_mean, ax_std = fig.subplots(1, 2)
+        for name, mean, std in zip(self.names, self.means(), self.stds()):
+            ax_mean.plot(mean.numpy(), label=name)
+            ax_std.plot(std.numpy(), label=name)
+        ax_mean.set_title("activation means")
+        ax_std.set_title("activation stds")
+        for ax in (ax_mean, ax_std):
+            ax.set_xlabel(f"recorded training batches (every {self.every})")
+        ax_std.legend(fontsize="small")
+        return save_figure(fig, path)
+
+    def _grid(self, title: str):
+        n = max(len(self.names), 1)
+        cols = min(n, 4)
+        rows = math.ceil(n / cols)
+        fig = new_figure(figsize=(3.2 * cols, 2.6 * rows))
+        axes = fig.subplots(rows, cols, squeeze=False).flatten()
+        for ax in axes[len(self.names):]:
+            ax.set_axis_off()
+        fig.suptitle(title)
+        return fig, axes
+
+    def color_dim(self, path: str | None = None):
+        """The 'colorful dimension' plot: each module's activation histogram over training
+        (log scale), bins on the vertical axis, time on the horizontal; a Figure."""
+        fig, axes = self._grid("histograms of |activations| over training")
+        for ax, name, hist in zip(axes, self.names, self.hists()):
+            ax.imshow(hist.log1p().numpy(), origin="lower", aspect="auto", cmap="viridis",
+                      extent=(0, hist.shape[1], *self.hist_range))
+            ax.set_title(name, fontsize="small")
+        fig.tight_layout()
+        return save_figure(fig, path)
+
+    def dead_chart(self, path: str | None = None):
+        """Fraction of each module's activations in the lowest bin over training; a Figure."""
+        fig, axes = self._grid("fraction of activations near zero")
+        for ax, name, frac in zip(axes, self.names, self.dead_fraction()):
+            ax.plot(frac.numpy())
+            ax.set_ylim(0, 1)
+            ax.set_title(name, fontsize="small")
+        fig.tight_layout()
+        return save_figure(fig, path)

@@ -1,0 +1,159 @@
+"""The learning-rate finder: a short run with an exponentially growing lr, and its suggestions."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+from ..callback import Callback, CancelEpochException, CancelFitException, Order, runs_in
+from ..checks import check_fit_args
+from ..optim import set_hyper
+from ..plots import plot_lr_find, show_or_save
+from ..state import preserve_state
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["lr_find", "LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep", "suggest_valley", "SUGGESTIONS"]
+
+
+def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """A tenth of the lr where the (smoothed) loss is lowest: safely before it turns up."""
+    i = min(range(len(losses)), key=losses.__getitem__)
+    return lrs[i] / 10
+
+
+def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The lr where the loss falls fastest per decade of lr."""
+    if len(lrs) < 2:
+        return lrs[0]
+    slopes = [(losses[i + 1] - losses[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i]))
+              for i in range(len(lrs) - 1)]
+    i = min(range(len(slopes)), key=slopes.__getitem__)
+    return math.sqrt(lrs[i] * lrs[i + 1])  # the middle of the steepest step, on the log axis
+
+
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """The middle of the descent into the lowest loss, on the log axis.
+
+    The descent runs from where the loss last stood near its plateau (within a tenth of the
+    drop) to its lowest point; the plateau level is the 90th percentile of the losses before
+    the minimum, so neither noise nor the first few batches move it. The middle sits well
+    inside the rates where training makes progress, away from the edge of divergence.
+    """
+    low = min(range(len(losses)), key=losses.__getitem__)
+    before = sorted(losses[: low + 1])
+    plateau = before[int(0.9 * (len(before) - 1))]
+    drop = plateau - losses[low]
+    if drop <= 0:
+        return lrs[low]
+    start = max(i for i in range(low + 1) if losses[i] >= losses[low] + 0.9 * drop)
+    return math.sqrt(lrs[start] * lrs[low])
+
+
+SUGGESTIONS = {"valley": suggest_valley, "minimum": suggest_minimum, "steep": suggest_steep}
+
+
+class SuggestedLRs(NamedTuple):
+    """The LR finder's suggestions, by name (only the ones asked for are set)."""
+
+    valley: float | None = None
+    minimum: float | None = None
+    steep: float | None = None
+
+
+class LRFinderCB(Callback):
+    """Raises the lr exponentially from `start_lr` to `end_lr` over `num_it` training batches,
+    records the smoothed loss, and cancels the fit when done or when the loss diverges
+    (smoothed loss above 4x its minimum, or not finite). Use it through `learn.lr_find()`.
+    """
+
+    order = Order.LR_FINDER
+
+    def __init__(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+                 stop_div: bool = True, beta: float = 0.98) -> None:
+        if not 0 < start_lr < end_lr:
+            raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+        if num_it < 2:
+            raise ValueError(f"lr_find needs num_it >= 2, got {num_it}")
+        self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
+        self.stop_div, self.beta = stop_div, beta
+        self.lrs: list[float] = []
+        self.raw_losses: list[float] = []
+        self.losses: list[float] = []  # smoothed
+
+    def lr_at(self, i: int) -> float:
+        """The lr of batch i: geometric steps from start_lr (i=0) to end_lr (i=num_it-1)."""
+        return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_it - 1))
+
+    def before_fit(self, learn: Learner) -> None:
+        self.lrs, self.raw_losses, self.losses = [], [], []
+        self._avg, self._best = 0.0, math.inf
+
+    def before_epoch(self, learn: Learner) -> None:
+        if not learn.training:
+            raise CancelEpochException()
+
+    def before_batch(self, learn: Learner) -> None:
+        lr = self.lr_at(len(self.lrs))
+        set_hyper(learn.opt, "lr", lr)
+        self.lrs.append(lr)
+
+    def after_batch(self, learn: Learner) -> None:
+        loss = learn.loss.item()  # one sync per batch is fine for a ~100-batch search
+        self.raw_losses.append(loss)
+        i = len(self.raw_losses)
+        self._avg = self.beta * self._avg + (1 - self.beta) * loss
+        smooth = self._avg / (1 - self.beta**i)
+        self.losses.append(smooth)
+        if math.isfinite(smooth):
+            self._best = min(self._best, smooth)
+        diverged = not math.isfinite(smooth) or smooth > 4 * self._best
+        if (self.stop_div and diverged) or i >= self.num_it:
+            raise CancelFitException()
+
+    def suggest(self, names: Sequence[str] = ("valley", "minimum", "steep")) -> SuggestedLRs:
+        """Suggested learning rates from the recorded curve, by method name."""
+        unknown = [n for n in names if n not in SUGGESTIONS]
+        if unknown:
+            raise ValueError(f"unknown lr_find suggestion {unknown}; choose from {list(SUGGESTIONS)}")
+        # The curve up to where it diverges (the stop_div rule: not finite, or above 4x the
+        # lowest loss so far): beyond that it says nothing about good rates.
+        lrs, losses, lowest = [], [], math.inf
+        for lr, loss in zip(self.lrs, self.losses):
+            if not math.isfinite(loss) or loss > 4 * lowest:
+                break
+            lrs.append(lr)
+            losses.append(loss)
+            lowest = min(lowest, loss)
+        if len(lrs) < 2:
+            raise ValueError(f"lr_find recorded {len(lrs)} usable losses, too few to suggest a "
+                             "learning rate; lower start_lr, raise num_it, or check the data and loss")
+        return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in names})
+
+    def plot(self, suggestions: SuggestedLRs | None = None, path: str | None = None):
+        """Smoothed loss against lr (log axis) with the suggestions marked; returns the Figure."""
+        marks = {} if suggestions is None else {k: v for k, v in suggestions._asdict().items()
+                                                 if v is not None}
+        return plot_lr_find(self.lrs, self.losses, marks, path=path)
+
+
+def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
+            stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
+            plot_path: str = "lr_find.png") -> SuggestedLRs:
+    """`learn.lr_find()`: grow the lr from `start_lr` to `end_lr` over `num_it` training
+    batches and return the suggested rate(s) (`.valley`, `.minimum`, `.steep`, as asked in
+    `suggest`). Leaves no trace: `lr_find(); fit()` trains exactly as `fit()` alone; callbacks
+    with `main_fit_only` (schedules, metrics, loggers...) sit it out. The curve is in
+    `learn.lr_finder`; `plot` shows it in a notebook, else saves it to `plot_path`."""
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
+    check_fit_args(learn, 1, True, False, None)
+    # Enough epochs to reach num_it batches; the finder cancels the fit when done.
+    n_batches = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
+    sitting_out = [cb for cb in learn.cbs if not runs_in(cb, "lr_find")]
+    with preserve_state(learn), learn.removed_cbs(sitting_out):
+        learn.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])
+    learn.lr_finder = finder
+    suggestions = finder.suggest(suggest)
+    if plot:
+        show_or_save(finder.plot(suggestions), plot_path)
+    return suggestions

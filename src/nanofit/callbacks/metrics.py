@@ -1,0 +1,336 @@
+"""Metrics per epoch phase (MetricsCB) and the per-batch training record for plots (Recorder)."""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from ..distributed import is_distributed
+from ..callback import Callback, Order
+from ..optim import hyper_access, supported_hypers
+from ..plots import plot_loss, plot_sched
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["MetricsCB", "Recorder"]
+
+
+def _to_python(value: Any) -> Any:
+    """A metric's result as plain Python: a float for one number, else a (nested) list."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    return value
+
+
+def _metric_state(m: Any) -> dict[str, Any] | None:
+    """A metric's accumulated state: torchmetrics' `metric_state`, or the metric's own
+    `state_dict()`; None when it has neither (its phase restarts empty on resume)."""
+    if hasattr(m, "metric_state") and hasattr(m, "_update_count"):
+        return {"states": {k: (v.detach().clone() if isinstance(v, torch.Tensor) else
+                               [t.detach().clone() for t in v]) for k, v in m.metric_state.items()},
+                "updated": m._update_count > 0}
+    if callable(getattr(m, "state_dict", None)) and not isinstance(m, torch.nn.Module):
+        return {"own": m.state_dict()}
+    return None
+
+
+def _load_metric_state(m: Any, state: dict[str, Any]) -> None:
+    if "own" in state:
+        m.load_state_dict(state["own"])
+        return
+    for k, v in state["states"].items():
+        setattr(m, k, v)
+    m._update_count = int(state["updated"])  # how the updates were batched does not matter
+    m._computed = None  # torchmetrics caches compute(); the cache is stale now
+
+
+def _check_same_keys(record: dict[str, Any]) -> None:
+    """Every rank must record the same metrics, or the reductions above mixed up values."""
+    keys: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, sorted(record))
+    if any(k != keys[0] for k in keys):
+        raise ValueError("MetricsCB: the ranks record different metrics "
+                         f"({dict(enumerate(keys))}); give every process the same MetricsCB")
+
+
+def _shape(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"shape {tuple(x.shape)} ({x.dtype})"
+    return f"type {type(x).__name__}"
+
+
+class MetricsCB(Callback):
+    """Computes metrics and the batch-size-weighted mean loss for every epoch phase.
+
+    Metrics are torchmetrics objects, or anything with `update(preds, targ)`, `compute()` and
+    `reset()`. After each phase a record `{'epoch', 'train': 'train'|'eval', 'loss', <name>...}`
+    is appended to `history`; the learner gets `learn.metrics = self`.
+
+    Per batch this only keeps references to the detached predictions, targets and loss: they are
+    concatenated and given to each metric's `update` once every `update_every` batches (or when
+    `max_buffered` prediction elements are held), because a metric call costs about as much as a
+    small model's whole step. Results are the same for metrics that accumulate over samples (all
+    torchmetrics metrics do); set `update_every=1` for a metric that must see single batches.
+
+    Example: `MetricsCB(accuracy=MulticlassAccuracy(num_classes=10))`
+    """
+
+    order = Order.METRICS
+    main_fit_only = True
+
+    def __init__(self, *ms: Any, update_every: int = 64, max_buffered: int = 2**24,
+                 **metrics: Any) -> None:
+        for m in ms:
+            metrics[type(m).__name__] = m
+        for name, m in metrics.items():
+            if isinstance(m, type):
+                raise TypeError(f"MetricsCB got the class {m.__name__} for {name!r}; "
+                                f"pass an instance, e.g. {m.__name__}(...)")
+            missing = [a for a in ("update", "compute", "reset") if not callable(getattr(m, a, None))]
+            if missing:
+                raise TypeError(f"MetricsCB: metric {name!r} ({type(m).__name__}) has no "
+                                f"{', '.join(missing)} method; use a torchmetrics metric or an "
+                                "object with update(preds, targ), compute() and reset()")
+        if "loss" in metrics or "epoch" in metrics or "train" in metrics:
+            raise ValueError("MetricsCB: 'loss', 'epoch' and 'train' are record keys; "
+                             "name the metric differently")
+        if update_every < 1:
+            raise ValueError(f"MetricsCB: update_every must be >= 1, got {update_every}")
+        self.metrics: dict[str, Any] = metrics
+        self.update_every = update_every
+        self.max_buffered = max_buffered
+        self.history: list[dict[str, Any]] = []
+        self._checked = False
+        self._clear_buffers()
+        self._reset_totals()
+
+    def _clear_buffers(self) -> None:
+        self._preds: list[Any] = []
+        self._targs: list[Any] = []
+        self._losses: list[torch.Tensor] = []
+        self._ns: list[int] = []
+        self._buffered = 0
+
+    def _reset_totals(self) -> None:
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._count = 0
+
+    def before_fit(self, learn: Learner) -> None:
+        learn.metrics = self
+        self._checked = False
+
+    def before_epoch(self, learn: Learner) -> None:
+        for m in self.metrics.values():
+            m.reset()
+        self._clear_buffers()
+        self._reset_totals()
+
+    def after_batch(self, learn: Learner) -> None:
+        try:
+            targ = learn.batch[learn.n_inp]
+        except (IndexError, KeyError, TypeError):
+            raise ValueError(f"MetricsCB needs the targets at batch[{learn.n_inp}] (after the "
+                             f"n_inp={learn.n_inp} inputs), but the batch is "
+                             f"{type(learn.batch).__name__} of length "
+                             f"{len(learn.batch) if hasattr(learn.batch, '__len__') else '?'}; "
+                             "set Learner(n_inp=...) or yield (inputs..., targets)") from None
+        preds = learn.preds
+        if isinstance(preds, torch.Tensor):
+            preds = preds.detach()
+            self._buffered += preds.numel()
+        self._preds.append(preds)
+        self._targs.append(targ)
+        self._losses.append(learn.loss.detach())
+        self._ns.append(len(targ))
+        if (len(self._ns) >= self.update_every or self._buffered >= self.max_buffered
+                or not self._checked):  # the first batch goes through at once: errors show early
+            self.flush()
+            self._checked = True
+
+    def flush(self) -> None:
+        """Hand the buffered batches to the metrics and the loss total."""
+        if not self._ns:
+            return
+        device = self._losses[-1].device  # batches restored from a checkpoint sit on the CPU
+        losses = torch.stack([x.to(device) for x in self._losses]).float()
+        weights = torch.tensor(self._ns, dtype=torch.float32).to(losses.device, non_blocking=True)
+        self._loss_sum = self._loss_sum + (losses * weights).sum()
+        self._count += sum(self._ns)
+        if self.metrics:
+            for preds, targ in self._joined():
+                for name, m in self.metrics.items():
+                    if isinstance(m, torch.nn.Module) and isinstance(preds, torch.Tensor):
+                        m.to(preds.device)
+                    try:
+                        m.update(preds, targ)
+                    except Exception as e:
+                        e.add_note(f"metric {name!r} ({type(m).__name__}) got preds of "
+                                   f"{_shape(preds)} and targets of {_shape(targ)}")
+                        raise
+        self._clear_buffers()
+
+    def _joined(self) -> list[tuple[Any, Any]]:
+        """One (preds, targ) pair for all buffered batches, or the single batches if they differ."""
+        ps, ts = self._preds, self._targs
+        tensors = all(isinstance(x, torch.Tensor) for x in ps + ts)
+        if len(ps) > 1 and tensors and len({p.shape[1:] for p in ps}) == 1 \
+                and len({t.shape[1:] for t in ts}) == 1:
+            dp, dt = ps[-1].device, ts[-1].device
+            return [(torch.cat([p.to(dp) for p in ps]), torch.cat([t.to(dt) for t in ts]))]
+        return list(zip(ps, ts))
+
+    def compute(self) -> dict[str, Any]:
+        """The current phase's loss and metrics as plain Python values (one host sync).
+
+        Under torch.distributed the loss is the sample-weighted mean over all ranks and
+        torchmetrics metrics sync their states, so every rank gets the same numbers."""
+        self.flush()
+        loss_sum, count = self._loss_sum, self._count
+        if is_distributed():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            total = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            loss_sum, count = total[0].item(), total[1].item()
+        loss = loss_sum / count if count else float("nan")
+        values = {"loss": _to_python(loss)}
+        for name, m in self.metrics.items():
+            values[name] = _to_python(m.compute())
+        return values
+
+    def after_epoch(self, learn: Learner) -> None:
+        record = {"epoch": learn.epoch, "train": "train" if learn.training else "eval"}
+        record.update(self.compute())
+        if is_distributed():
+            _check_same_keys(record)
+        self.history.append(record)
+
+    def cleanup_epoch(self, learn: Learner) -> None:
+        self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
+
+    def epoch_row(self, epoch: int) -> dict[str, Any]:
+        """The latest records of `epoch` as one row, {'epoch', 'train_loss', ..., 'valid_loss',
+        ...}: the format of the progress table, CSVLogger and TensorBoardCB."""
+        row: dict[str, Any] = {"epoch": epoch}
+        latest = []
+        for record in reversed(self.history):  # this fit's phases of that epoch, not older ones
+            if record["epoch"] != epoch or any(r["train"] == record["train"] for r in latest):
+                break
+            latest.insert(0, record)
+        for record in latest:
+            prefix = "train" if record["train"] == "train" else "valid"
+            row.update({f"{prefix}_{k}": v for k, v in record.items() if k not in ("epoch", "train")})
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history and everything of the current phase so far: running totals, metric
+        states and the batches not yet handed to the metrics. Saving does not flush, so a run
+        that saved a checkpoint adds up its numbers in the same order as one that did not."""
+        loss_sum = self._loss_sum
+        return {"history": copy.deepcopy(self.history),
+                "loss_sum": loss_sum.detach().clone() if isinstance(loss_sum, torch.Tensor) else loss_sum,
+                "count": self._count, "checked": self._checked,
+                "pending": {"preds": list(self._preds), "targs": list(self._targs),
+                            "losses": list(self._losses), "ns": list(self._ns),
+                            "buffered": self._buffered},
+                "metrics": {name: _metric_state(m) for name, m in self.metrics.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = copy.deepcopy(state["history"])
+        self._loss_sum, self._count = state.get("loss_sum", 0.0), state.get("count", 0)
+        self._checked = state.get("checked", self._checked)
+        pending = state.get("pending")
+        self._clear_buffers()
+        if pending:
+            self._preds, self._targs = list(pending["preds"]), list(pending["targs"])
+            self._losses, self._ns = list(pending["losses"]), list(pending["ns"])
+            self._buffered = pending["buffered"]
+        for name, m_state in state.get("metrics", {}).items():
+            if name in self.metrics and m_state is not None:
+                _load_metric_state(self.metrics[name], m_state)
+
+
+class Recorder(Callback):
+    """Records the loss and the hyper-parameters of every training batch, for plots.
+
+    `hps` names the hyper-parameters to record (default: all of lr, mom, wd, beta that the
+    optimizer has), read from its last param group (the head, as in fastai) at the end of each
+    training batch: the values its step used. `valid_losses` needs a MetricsCB. Losses stay on
+    the device and are copied to the host a few hundred at a time.
+    """
+
+    order = Order.RECORDER
+    main_fit_only = True
+
+    def __init__(self, *hps: str, sync_every: int = 256) -> None:
+        self.names = hps or None
+        self.sync_every = sync_every
+        self.losses: list[float] = []
+        self.hps: dict[str, list[float]] = {}
+        self.valid_losses: list[tuple[int, float]] = []
+        self._pending: list[torch.Tensor] = []
+        self._getters: list[tuple[list, Any]] = []
+
+    @property
+    def lrs(self) -> list[float]:
+        """The learning rate of every training batch."""
+        return self.hps.get("lr", [])
+
+    def before_fit(self, learn: Learner) -> None:
+        learn.recorder = self
+        self.losses, self.valid_losses, self._pending = [], [], []
+        opt = learn.opt
+        names = self.names if self.names else supported_hypers(opt) if opt is not None else []
+        self.hps = {name: [] for name in names}
+        # Resolved once: per batch only list appends of plain dict reads remain.
+        self._getters = [(self.hps[n], hyper_access(opt, n)[0]) for n in names]
+
+    def after_batch(self, learn: Learner) -> None:
+        if not learn.training:
+            return
+        self._pending.append(learn.loss.detach())
+        group = learn.opt.param_groups[-1]
+        for values, get in self._getters:
+            v = get(group)
+            values.append(v.detach().clone() if isinstance(v, torch.Tensor) else v)
+        if len(self._pending) >= self.sync_every:
+            self._sync()
+
+    def _sync(self) -> None:
+        if self._pending:
+            self.losses.extend(torch.stack(self._pending).float().cpu().tolist())
+            self._pending = []
+
+    def after_epoch(self, learn: Learner) -> None:
+        self._sync()
+        metrics = learn.metrics
+        if not learn.training and metrics is not None and metrics.history:
+            self.valid_losses.append((len(self.losses), metrics.history[-1]["loss"]))
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        self._sync()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The recorded losses and hyper-parameters, as plain Python values."""
+        self._sync()
+        return copy.deepcopy({"losses": self.losses, "hps": self.hps,
+                              "valid_losses": self.valid_losses})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = copy.deepcopy(state)
+        self.losses, self.valid_losses = state["losses"], state["valid_losses"]
+        for name, values in state["hps"].items():  # in place: the per-batch readers keep the lists
+            self.hps.setdefault(name, [])[:] = values
+        self._pending = []
+
+    def plot_loss(self, path: str | None = None, smooth: float | None = None):
+        """Training loss per batch (raw and smoothed) and validation loss per epoch; a Figure."""
+        self._sync()
+        return plot_loss(self.losses, self.valid_losses, smooth=smooth, path=path)
+
+    def plot_sched(self, path: str | None = None):
+        """Each recorded hyper-parameter per training batch; a Figure."""
+        values = {k: [float(v) for v in vs] for k, vs in self.hps.items()}
+        return plot_sched(values, path=path)

@@ -1,0 +1,90 @@
+"""Mixed precision: autocast around the forward pass and the loss; a grad scaler for fp16."""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from ..callback import Callback, Order
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["MixedPrecision"]
+
+
+class MixedPrecision(Callback):
+    """Runs predict and get_loss under `torch.autocast`: float16 with a GradScaler on CUDA,
+    bfloat16 on CPU (no scaler needed). It wraps those two steps (`wrap_handler`), whichever
+    callback (MixUp, TrainCB...) or Learner subclass runs them.
+
+    With fp16 the gradients are unscaled right after backward, so GradClipCB and anything else
+    at `after_backward` sees true gradients; steps skipped because of inf/NaN gradients are
+    counted in `skipped` and reported at the end of each epoch.
+    """
+
+    order = Order.PRECISION
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+        self.scaler: torch.amp.GradScaler | None = None
+        self.skipped = 0
+
+    def before_fit(self, learn: Learner) -> None:
+        param = next(learn.model.parameters())
+        self.device_type = param.device.type
+        if self.dtype is None:
+            self.dtype = torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        use_scaler = self.dtype == torch.float16 and self.device_type == "cuda"
+        if use_scaler and self.scaler is None:
+            self.scaler = torch.amp.GradScaler("cuda")
+        learn.grad_scaler = self.scaler  # for callbacks that replace backward/step (GradAccumCB)
+        self._epoch_skipped = 0
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        learn.grad_scaler = None
+
+    def wrap_handler(self, event: str, fn: Callable[[Learner], None]) -> Callable[[Learner], None]:
+        """The forward steps (predict, get_loss) run inside autocast; the rest as they are."""
+        if event not in ("predict", "get_loss"):
+            return fn
+
+        def autocast(learn: Learner) -> None:
+            with torch.autocast(self.device_type, dtype=self.dtype):
+                fn(learn)
+        autocast.__wrapped__ = fn  # type: ignore[attr-defined]
+        return autocast
+
+    def backward(self, learn: Learner) -> None:
+        if self.scaler is None:
+            learn.loss.backward()
+            return
+        self.scaler.scale(learn.loss).backward()
+        self.scaler.unscale_(learn.opt.opt)  # true gradients for clipping and inspection
+
+    def step(self, learn: Learner) -> None:
+        if self.scaler is None:
+            learn.opt.step()
+            return
+        before = self.scaler.get_scale()
+        self.scaler.step(learn.opt.opt)
+        self.scaler.update()
+        if self.scaler.get_scale() < before:  # the scaler skipped this step: inf/NaN grads
+            self.skipped += 1
+            self._epoch_skipped += 1
+
+    def after_epoch(self, learn: Learner) -> None:
+        if learn.training and self._epoch_skipped:
+            warnings.warn(f"MixedPrecision: {self._epoch_skipped} optimizer step(s) in epoch "
+                          f"{learn.epoch} were skipped because of inf/NaN gradients (fp16 overflow)")
+            self._epoch_skipped = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["scaler"] is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped = state["skipped"]

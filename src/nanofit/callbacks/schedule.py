@@ -1,0 +1,207 @@
+"""Hyper-parameter schedules during training: ParamScheduler, and torch's lr schedulers."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+import torch
+
+from ..callback import Callback, Order
+from ..optim import HPOptimizer, check_lr, hyper_access
+from ..schedule import (Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no)
+
+if TYPE_CHECKING:
+    from ..learner import Learner
+
+__all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB", "fit_one_cycle", "fit_flat_cos", "fine_tune"]
+
+
+class ParamScheduler(Callback):
+    """Sets hyper-parameters (lr, mom, wd, beta) from schedules before each training batch.
+
+    Each schedule is a function of `pct_train = (epoch + iter / len(dl)) / n_epochs`, or a list
+    of such functions, one per param group. Validation batches do not advance it.
+    Example: `ParamScheduler(lr=sched_cos(1e-2, 1e-5), mom=sched_no(0.9, 0.9))`
+    """
+
+    order = Order.SCHEDULE
+    main_fit_only = True
+
+    def __init__(self, **scheds: Schedule | Sequence[Schedule]) -> None:
+        if not scheds:
+            raise ValueError("ParamScheduler needs at least one schedule, e.g. lr=sched_cos(1e-2, 0)")
+        for name, sched in scheds.items():
+            funcs = sched if isinstance(sched, (list, tuple)) else [sched]
+            if not all(callable(f) for f in funcs):
+                raise TypeError(f"ParamScheduler: the schedule for {name!r} must be a function of "
+                                f"training progress (or a list of them), got {sched!r}")
+        self.scheds = scheds
+
+    def before_fit(self, learn: Learner) -> None:
+        if learn.opt is None:
+            raise ValueError("ParamScheduler needs an optimizer: it schedules learn.opt's "
+                             "hyper-parameters, and fit(train=False) makes none")
+        if not hasattr(learn.dls.train, "__len__"):
+            raise ValueError("ParamScheduler needs a training loader with a length (len(dl)) "
+                             "to know how far through training each batch is")
+        n_groups = len(learn.opt.param_groups)
+        self._plan = []  # (one schedule or a list per group, put), resolved once, not per batch
+        for name, sched in self.scheds.items():
+            _, put = hyper_access(learn.opt, name)
+            if isinstance(sched, (list, tuple)) and len(sched) != n_groups:
+                raise ValueError(f"ParamScheduler: {len(sched)} schedules for {name!r} but the "
+                                 f"optimizer has {n_groups} param groups")
+            self._plan.append((sched, put))
+
+    def before_batch(self, learn: Learner) -> None:
+        if not learn.training:
+            return
+        pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
+        groups = learn.opt.param_groups
+        for sched, put in self._plan:
+            if isinstance(sched, (list, tuple)):
+                for group, f in zip(groups, sched):
+                    put(group, f(pos))
+            else:
+                value = sched(pos)  # once, whatever the number of groups
+                for group in groups:
+                    put(group, value)
+
+
+def _torch_optimizer(learn: Learner) -> Any:
+    opt = learn.opt
+    return opt.opt if isinstance(opt, HPOptimizer) else opt
+
+
+class _TorchSchedCB(Callback):
+    order = Order.TORCH_SCHEDULE
+    main_fit_only = True
+
+    def __init__(self, sched: Callable[[Any], Any] | Any) -> None:
+        if isinstance(sched, type) or (not callable(sched) and not hasattr(sched, "step")):
+            raise TypeError("pass a torch lr scheduler, or a function making one from the "
+                            "optimizer, e.g. partial(torch.optim.lr_scheduler.OneCycleLR, "
+                            f"max_lr=0.1, total_steps=1000); got {sched!r}")
+        self.sched = sched
+        self.scheduler: Any = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def before_fit(self, learn: Learner) -> None:
+        if hasattr(self.sched, "step"):  # an LRScheduler instance, used as is
+            self.scheduler = self.sched
+        else:  # a factory: built here on the learner's (torch) optimizer
+            self.scheduler = self.sched(_torch_optimizer(learn))
+
+
+class BatchSchedCB(_TorchSchedCB):
+    """Steps a torch lr scheduler after every training batch.
+
+    `sched` is a scheduler, or a function taking the torch optimizer and returning one:
+    `BatchSchedCB(partial(OneCycleLR, max_lr=0.1, total_steps=len(dls.train) * epochs))`
+    """
+
+    def after_batch(self, learn: Learner) -> None:
+        if learn.training:
+            self.scheduler.step()
+
+
+class EpochSchedCB(_TorchSchedCB):
+    """Steps a torch lr scheduler once per epoch: after the training phase, or, for
+    `ReduceLROnPlateau`, after the validation phase with the MetricsCB value `monitor`.
+
+    `EpochSchedCB(partial(StepLR, step_size=2, gamma=0.5))`,
+    `EpochSchedCB(partial(ReduceLROnPlateau, patience=2), monitor="loss")`
+    """
+
+    def __init__(self, sched: Callable[[Any], Any] | Any, monitor: str = "loss") -> None:
+        super().__init__(sched)
+        self.monitor = monitor
+
+    def before_fit(self, learn: Learner) -> None:
+        super().before_fit(learn)
+        self.on_metric = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+        if self.on_metric and learn.metrics is None:
+            raise ValueError("EpochSchedCB with ReduceLROnPlateau steps on a validation metric: "
+                             f"add a MetricsCB to cbs (monitor={self.monitor!r})")
+
+    def after_epoch(self, learn: Learner) -> None:
+        if not self.on_metric:
+            if learn.training:
+                self.scheduler.step()
+            return
+        record = learn.metrics.history[-1]
+        if record["train"] == "eval":
+            if self.monitor not in record:
+                raise ValueError(f"EpochSchedCB: monitor={self.monitor!r} is not among the "
+                                 f"metrics {[k for k in record if k not in ('epoch', 'train')]}")
+            self.scheduler.step(record[self.monitor])
+
+
+def fit_one_cycle(learn: Learner, n_epochs: int, lr_max: Any = None, div: float = 25.0,
+                  div_final: float = 1e5, pct_start: float = 0.25,
+                  moms: Sequence[float] | None = (0.95, 0.85, 0.95), wd: float | None = None,
+                  cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
+    """`learn.fit_one_cycle(n_epochs, lr_max)`: fit with the 1cycle policy: the lr warms up
+    from lr_max/div to lr_max (cosine) over `pct_start` of training, then anneals to
+    lr_max/div_final; momentum (when the optimizer uses it) moves inversely through `moms`.
+    `lr_max` (default: `learn.lr`) may be a list, one per param group; `wd` sets weight decay;
+    `cbs` and `resume` as in `fit`."""
+    lr_max = learn.lr if lr_max is None else lr_max
+    check_lr(lr_max, "fit_one_cycle")
+    lrs = list(lr_max) if isinstance(lr_max, (list, tuple)) else [lr_max]
+    per_group = [one_cycle_scheds(lr, div, div_final, pct_start, moms) for lr in lrs]
+    scheds: dict[str, Any] = {"lr": [s["lr"] for s in per_group]}
+    if "mom" in per_group[0]:
+        scheds["mom"] = per_group[0]["mom"]
+    _fit_scheduled(learn, n_epochs, scheds, wd, cbs, resume)
+
+
+def fit_flat_cos(learn: Learner, n_epochs: int, lr: Any = None, div_final: float = 1e5,
+                 pct_start: float = 0.75, wd: float | None = None,
+                 cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
+    """`learn.fit_flat_cos(n_epochs, lr)`: fit at a flat lr for `pct_start` of training, then
+    anneal it to lr/div_final (cosine); `cbs` and `resume` as in `fit`."""
+    lr = learn.lr if lr is None else lr
+    check_lr(lr, "fit_flat_cos")
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr]
+    scheds = {"lr": [flat_cos_scheds(v, div_final, pct_start)["lr"] for v in lrs]}
+    _fit_scheduled(learn, n_epochs, scheds, wd, cbs, resume)
+
+
+def _uses_momentum(opt: Any) -> bool:
+    if opt is None or "mom" not in opt.hypers:
+        return False
+    mom = opt.mom
+    return any(m > 0 for m in (mom if isinstance(mom, list) else [mom]))
+
+
+def _fit_scheduled(learn: Learner, n_epochs: int, scheds: dict[str, Any], wd: float | None,
+                   cbs: Iterable[Any] | None, resume: str | None) -> None:
+    if learn.opt is None:
+        learn.create_opt()
+    if "mom" in scheds and not _uses_momentum(learn.opt):
+        del scheds["mom"]  # plain SGD, Adagrad...: momentum is not switched on behind your back
+    if len(scheds["lr"]) == 1:
+        scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
+    if wd is not None:
+        scheds["wd"] = sched_no(wd, wd)
+    learn.fit(n_epochs, cbs=[ParamScheduler(**scheds), *(cbs or ())], resume=resume)
+
+
+def fine_tune(learn: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
+              lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0, **kwargs: Any) -> None:
+    """`learn.fine_tune(epochs)`: fastai's transfer-learning recipe: the head alone (the
+    last param group) for `freeze_epochs`, then everything for `epochs` with rates from
+    base_lr/2/lr_mult (first group) to base_lr/2 (last), each by one-cycle."""
+    learn.freeze()
+    learn.fit_one_cycle(freeze_epochs, base_lr, pct_start=0.99, **kwargs)
+    base_lr /= 2
+    learn.unfreeze()
+    lrs = lr_range(base_lr / lr_mult, base_lr, len(learn.splits()))
+    learn.fit_one_cycle(epochs, lrs if len(lrs) > 1 else lrs[0], pct_start=pct_start, div=div,
+                        **kwargs)

@@ -1,0 +1,89 @@
+"""Checks that turn bad input into errors that say what was wrong and how to fix it."""
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+from .callback import check_callback
+from .optim import check_lr
+
+if TYPE_CHECKING:
+    from .learner import Learner
+
+ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelBatchException in "
+                  "before_epoch); raise the exception of the stage you are in, or CancelFitException")
+
+__all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe"]
+
+
+def check_fit_args(learn: Learner, n_epochs: int, train: bool, valid: bool, lr: Any,
+                   extra_cbs: Sequence[Any] = ()) -> None:
+    """Refuse, before any training work, a fit that cannot work, saying why and what to do."""
+    for cb in extra_cbs:
+        check_callback(cb)
+        if any(cb is c for c in learn.cbs):
+            raise ValueError(f"fit(cbs=...): {type(cb).__name__} is already among the "
+                             "learner's callbacks; pass it only once")
+    if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
+        raise ValueError(f"fit: n_epochs must be an int >= 1, got {n_epochs!r}")
+    check_lr(learn.lr if lr is None else lr, "fit")
+    if learn.dls is None:
+        raise ValueError("fit: the learner has no data; pass dls=DataLoaders(train_dl, valid_dl)")
+    for phase, wanted in (("train", train), ("valid", valid)):
+        if not wanted:
+            continue
+        dl = getattr(learn.dls, phase, None)
+        if dl is None:
+            raise ValueError(f"fit: dls has no `{phase}` loader ({type(learn.dls).__name__}); "
+                             f"pass nanofit.DataLoaders(train_dl, valid_dl) or fit({phase}=False)")
+        if hasattr(dl, "__len__") and len(dl) == 0:
+            raise ValueError(f"fit: dls.{phase} yields no batches (len 0); check the dataset "
+                             "size and batch_size/drop_last")
+    if train and not any(p.requires_grad for p in learn.model.parameters()):
+        raise ValueError("fit: the model has no trainable parameters (none requires grad); "
+                         "unfreeze some or call fit(train=False)")
+
+
+_END = object()
+
+
+def check_first_batch(batches: Iterator[Any], phase: str) -> Iterator[Any]:
+    """Fail early and clearly on an empty loader or a batch of the wrong kind; the batches
+    pass on unchanged (the first one is put back in front)."""
+    first = next(batches, _END)
+    if first is _END:
+        raise ValueError(f"dls.{phase} yielded no batches; check the dataset size and "
+                         "batch_size/drop_last")
+    if not isinstance(first, (tuple, list, dict, torch.Tensor)):
+        raise TypeError(f"dls.{phase} yielded a {type(first).__name__}; a batch must be a tensor "
+                        "or a tuple/list/dict of them (e.g. (inputs, targets))")
+    return itertools.chain((first,), batches)
+
+
+def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
+    """The usual fix for a loss function that failed on these shapes and dtypes, if we know it."""
+    if not targets or not isinstance(preds, torch.Tensor) or not isinstance(targets[0], torch.Tensor):
+        return ""
+    targ = targets[0]
+    if preds.shape[:1] != targ.shape[:1]:
+        return (f"; preds and targets hold different numbers of items ({preds.shape[0] if preds.ndim else 0}"
+                f" vs {targ.shape[0] if targ.ndim else 0}): check that the model keeps the batch dimension")
+    if preds.ndim == 2 and targ.ndim == 2 and targ.shape[1] == 1 and not targ.is_floating_point():
+        return ("; class-index targets must have shape (N,): squeeze them (y.squeeze(1)) or use "
+                "y.view(-1) in the dataset")
+    if preds.ndim == 2 and targ.ndim == 1 and targ.dtype != torch.int64:
+        return "; cross-entropy wants class indices as int64 targets: use y.long()"
+    if preds.ndim != targ.ndim:
+        return (f"; preds have shape {tuple(preds.shape)} and targets {tuple(targ.shape)}: for an "
+                "element-wise loss (MSE, BCE) make them the same shape, e.g. y.view_as(preds)")
+    if preds.is_floating_point() and not targ.is_floating_point():
+        return "; an element-wise loss (MSE, BCE) wants float targets: use y.float()"
+    return ""
+
+
+def describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"a {type(x).__name__}"

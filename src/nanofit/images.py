@@ -1,0 +1,189 @@
+"""Images from folders: ImageFolder, the folder split for DataLoaders.from_folder, and grids.
+PIL is imported when the first image is read."""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .plots import new_figure, save_figure
+
+__all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "image_files", "folder_loaders", "show_images",
+           "default_workers"]
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def image_files(path: str | Path) -> list[Path]:
+    """Every image file under `path`, recursively, in a stable (sorted) order."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder {str(path)!r} does not exist or is not a folder")
+    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _readable(file: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(file) as im:
+            im.verify()
+        return True
+    except Exception:
+        return False
+
+
+class ImageFolder(Dataset):
+    """Images found under `path` (or the given `files`), labelled by their parent folder name.
+
+    Items are `(image, label)`: a float tensor in [0, 1], channels first, converted to `mode`
+    ('RGB', 'L', ...) and resized to `size` (an int for squares, or (height, width)); the label
+    is an index into `vocab`, the sorted class names (`o2i` maps back). A file that cannot be
+    read raises an error naming it; `skip_bad=True` checks every file up front and leaves out
+    the unreadable ones with a warning.
+    """
+
+    def __init__(self, path: str | Path, size: int | tuple[int, int] | None = None,
+                 mode: str = "RGB", files: Sequence[str | Path] | None = None,
+                 skip_bad: bool = False, vocab: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        self.files = [Path(f) for f in files] if files is not None else image_files(self.path)
+        if skip_bad:
+            bad = [f for f in self.files if not _readable(f)]
+            if bad:
+                warnings.warn(f"ImageFolder: skipping {len(bad)} unreadable file(s): "
+                              f"{', '.join(str(f) for f in bad[:5])}{' ...' if len(bad) > 5 else ''}")
+                self.files = [f for f in self.files if f not in set(bad)]
+        if not self.files:
+            raise ValueError(f"ImageFolder found no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
+                             f"under {str(self.path)!r}")
+        self.vocab = list(vocab) if vocab is not None else sorted({f.parent.name for f in self.files})
+        self.o2i = {name: i for i, name in enumerate(self.vocab)}
+        unknown = sorted({f.parent.name for f in self.files} - set(self.o2i))
+        if unknown:
+            raise ValueError(f"ImageFolder: classes {unknown} are not in the vocab {self.vocab}")
+        self.labels = [self.o2i[f.parent.name] for f in self.files]
+        self.size = (size, size) if isinstance(size, int) else size
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, file: Path) -> torch.Tensor:
+        """One image file as a (channels, height, width) float tensor in [0, 1]."""
+        from PIL import Image
+
+        try:
+            with Image.open(file) as im:
+                im = im.convert(self.mode)
+                if self.size is not None:
+                    im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except Exception as e:
+            raise ValueError(f"cannot read image {str(file)!r}: {type(e).__name__}: {e}; remove "
+                             "the file or pass skip_bad=True") from None
+        t = torch.from_numpy(arr.copy())
+        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+        return t.float().div_(255)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.load(self.files[i]), self.labels[i]
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({str(self.path)!r}, {len(self)} images, {len(self.vocab)} classes)"
+
+
+def default_workers() -> int:
+    """Worker processes for image loading: the cores this process may use, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def _split(files: list[Path], root: Path, train: str, valid: str, valid_pct: float | None,
+           seed: int | None) -> tuple[list[Path], list[Path]]:
+    if valid_pct is None:  # by grand-parent folder: root/train/<class>/x.png, root/valid/<class>/y.png
+        top = {f: f.relative_to(root).parts[0] for f in files}
+        tr = [f for f in files if top[f] == train]
+        va = [f for f in files if top[f] == valid]
+        if not tr or not va:
+            found = sorted(set(top.values()))
+            raise ValueError(f"from_folder: expected images under {str(root / train)!r} and "
+                             f"{str(root / valid)!r} (label = parent folder); the top folders are "
+                             f"{found}. Name them with train=/valid=, or split at random with "
+                             "valid_pct=0.2")
+        return tr, va
+    if not 0 < valid_pct < 1:
+        raise ValueError(f"from_folder: valid_pct must be between 0 and 1, got {valid_pct}")
+    gen = torch.Generator().manual_seed(seed if seed is not None else 0)
+    perm = torch.randperm(len(files), generator=gen).tolist()
+    n_valid = max(1, int(round(len(files) * valid_pct)))
+    valid_set = set(perm[:n_valid])
+    return ([f for i, f in enumerate(files) if i not in valid_set],
+            [f for i, f in enumerate(files) if i in valid_set])
+
+
+def _collate_same_size(batch: list) -> Any:
+    """torch's default collate, with the fix named when images differ in size."""
+    try:
+        return default_collate(batch)
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" in str(e):
+            raise ValueError(f"the images of a batch differ in size ({e}); pass size= to "
+                             "from_folder to resize them all") from None
+        raise
+
+
+def folder_loaders(path: str | Path, train: str = "train", valid: str = "valid",
+                   valid_pct: float | None = None, bs: int = 64,
+                   size: int | tuple[int, int] | None = None, num_workers: int | None = None,
+                   seed: int | None = None, mode: str = "RGB", skip_bad: bool = False,
+                   **kwargs: Any) -> tuple[DataLoader, DataLoader]:
+    """The train and valid DataLoaders of `DataLoaders.from_folder` (see there)."""
+    root = Path(path)
+    everything = ImageFolder(root, size, mode, skip_bad=skip_bad)
+    tr, va = _split(everything.files, root, train, valid, valid_pct, seed)
+    vocab = sorted({f.parent.name for f in tr + va})
+    train_ds = ImageFolder(root, size, mode, files=tr, vocab=vocab)
+    valid_ds = ImageFolder(root, size, mode, files=va, vocab=vocab)
+    workers = default_workers() if num_workers is None else num_workers
+    opts = {"num_workers": workers, "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": workers > 0, **kwargs}
+    opts.setdefault("collate_fn", _collate_same_size)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return (DataLoader(train_ds, batch_size=bs, shuffle=True, generator=gen, **opts),
+            DataLoader(valid_ds, batch_size=bs, shuffle=False, **opts))
+
+
+def show_images(ims: Sequence[torch.Tensor] | torch.Tensor, titles: Sequence[str] | None = None,
+                ncols: int | None = None, path: str | Path | None = None, size: float = 1.6):
+    """A grid of images (CHW tensors in [0, 1], any number of channels) with optional titles;
+    returns the Figure and saves it to `path` if given."""
+    ims = list(ims)
+    n = len(ims)
+    ncols = ncols or min(n, math.ceil(math.sqrt(n)))
+    nrows = math.ceil(n / ncols)
+    fig = new_figure(figsize=(size * ncols, size * nrows + (0.3 * nrows if titles else 0)))
+    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i >= n:
+            continue
+        im = ims[i].detach().cpu().float()
+        if im.ndim == 3:
+            im = im.permute(1, 2, 0)
+            if im.shape[-1] == 1:
+                im = im[..., 0]
+        ax.imshow(im.clamp(0, 1).numpy(), cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+        if titles is not None:
+            ax.set_title(str(titles[i]), fontsize="small")
+    fig.tight_layout()
+    return save_figure(fig, path)

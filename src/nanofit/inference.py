@@ -1,0 +1,222 @@
+"""Inference: predictions for a whole loader, for one item or batch, with test-time
+augmentation, shown as images; export for `load_learner` (no pickles: a constructor name
+and weights)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch.utils.data import RandomSampler
+
+from .augment import Normalize, random_flip
+from .callback import Callback, Order, runs_in
+from .callbacks.transforms import BatchTransformCB
+from .checkpoint import atomic_save
+from .data import DataLoaders, TensorLoader
+from .distributed import unwrap_model
+from .images import show_images
+from .registry import reference, resolve
+from .torch_utils import eval_mode, to_device
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from .learner import Learner
+
+__all__ = ["get_preds", "predict", "tta", "export", "read_export", "show_results"]
+
+EXPORT_FORMAT = "nanofit.export"
+
+
+class _Capture(Callback):
+    """Collects inputs, predictions, targets (and per-item losses) of a validation pass."""
+
+    order = Order.LAST
+
+    def __init__(self, with_input: bool, with_loss: bool) -> None:
+        self.with_input, self.with_loss = with_input, with_loss
+        self.inputs: list = []
+        self.preds: list = []
+        self.targs: list = []
+        self.losses: list = []
+
+    def get_loss(self, learn: Learner) -> None:
+        targets = learn.batch[learn.n_inp:]
+        learn.loss = torch.zeros(())
+        if self.with_loss and targets:
+            try:
+                self.losses.append(learn.loss_func(learn.preds, *targets, reduction="none").detach().cpu())
+            except TypeError:
+                raise TypeError("get_preds(with_loss=True) needs a loss_func that takes "
+                                "reduction='none' (like torch's losses)") from None
+
+    def after_batch(self, learn: Learner) -> None:
+        self.preds.append(learn.preds.detach().cpu())
+        targets = learn.batch[learn.n_inp:]
+        if targets:
+            self.targs.append(targets[0].detach().cpu())
+        if self.with_input:
+            self.inputs.append(learn.batch[0].detach().cpu())
+
+
+def get_preds(learn: Learner, dl: Any = None, with_input: bool = False, with_loss: bool = False,
+              act: Callable | None = None, extra_cbs: tuple = ()) -> tuple:
+    """`learn.get_preds()`: (preds, targets) for every batch of `dl` (default `dls.valid`), in
+    order, on the CPU, from a validation pass (eval mode, no gradients, the validation
+    transforms). `with_input` prepends the inputs as the model saw them, `with_loss` appends
+    per-item losses, `act` (e.g. softmax) is applied to the predictions. Callbacks with
+    `main_fit_only` (metrics, progress, loggers, checkpoints...) sit it out."""
+    dl = dl if dl is not None else learn.dls.valid
+    cap = _Capture(with_input, with_loss)
+    saved_dls = learn.dls
+    learn.dls = DataLoaders(getattr(saved_dls, "train", None), dl)
+    try:
+        with learn.removed_cbs([cb for cb in learn.cbs if not runs_in(cb, "inference")]):
+            learn.fit(1, train=False, cbs=[cap, *extra_cbs])
+    finally:
+        learn.dls = saved_dls
+    preds = torch.cat(cap.preds)
+    if act is not None:
+        preds = act(preds)
+    out: list[Any] = [preds, torch.cat(cap.targs) if cap.targs else None]
+    if with_input:
+        out.insert(0, torch.cat(cap.inputs))
+    if with_loss:
+        out.append(torch.cat(cap.losses) if cap.losses else None)
+    return tuple(out)
+
+
+def _item_ndim(learn: Learner) -> int | None:
+    train = getattr(learn.dls, "train", None) if learn.dls is not None else None
+    if isinstance(train, TensorLoader):
+        return train.tensors[0].ndim - 1
+    dataset = getattr(train, "dataset", None)
+    if dataset is not None and len(dataset):
+        first = dataset[0]
+        x = first[0] if isinstance(first, (tuple, list)) else first
+        return x.ndim if isinstance(x, torch.Tensor) else None
+    if learn.item_ndim is not None:
+        return learn.item_ndim
+    for m in learn.model.modules():  # no data: the first layer tells what one item looks like
+        for kind, ndim in ((torch.nn.Linear, 1), (torch.nn.Conv1d, 2), (torch.nn.Conv2d, 3),
+                           (torch.nn.Conv3d, 4)):
+            if isinstance(m, kind):
+                return ndim
+    return None
+
+
+def predict(learn: Learner, x: Any, act: Callable | None = None) -> torch.Tensor:
+    """`learn.predict(x)`: the prediction for one item (no batch dimension: told from the
+    data's or the model's item shape) or for a batch, through `get_preds`; `act` (e.g.
+    softmax) is applied to it."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x, dtype=torch.float32)
+    item_ndim = _item_ndim(learn)
+    single = item_ndim is not None and x.ndim == item_ndim
+    xb = x.unsqueeze(0) if single else x
+    preds, _ = get_preds(learn, TensorLoader((xb,), batch_size=max(len(xb), 1)), act=act)
+    return preds[0] if single else preds
+
+
+def tta(learn: Learner, n: int = 4, tfm: Callable | None = None, dl: Any = None,
+        act: Callable | None = None) -> tuple:
+    """`learn.tta()`: (preds, targets) averaged over the plain data and `n` copies augmented
+    by `tfm` (default: random left-right flips); `dl` must keep its order."""
+    loader = dl if dl is not None else learn.dls.valid
+    if getattr(loader, "shuffle", False) or isinstance(getattr(loader, "sampler", None), RandomSampler):
+        raise ValueError("tta averages several passes item by item: give it a loader that keeps "
+                         "its order (shuffle=False)")
+    tfm = tfm if tfm is not None else random_flip()
+    preds, targs = get_preds(learn, dl, act=act)
+    runs = [preds]
+    for _ in range(n):
+        aug, _ = get_preds(learn, dl, act=act, extra_cbs=(BatchTransformCB(tfm, on_val=True),))
+        runs.append(aug)
+    return torch.stack(runs).mean(0), targs
+
+
+# ---- export -----------------------------------------------------------------------------------
+def _plain(value: Any) -> bool:
+    if isinstance(value, (int, float, str, bool, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+def export(learn: Learner, path: str | Path, model_fn: Callable | None = None,
+           args: tuple = (), kwargs: dict | None = None) -> str:
+    """`learn.export(path)`: save what `nanofit.load_learner` needs to rebuild the learner for
+    inference: the weights, the model's constructor name with its arguments (plain data), the
+    validation Normalize and the vocab. Nothing is pickled. The constructor is `model_fn` (a
+    class or builder, with `args`/`kwargs`), or the @exportable builder that made the model;
+    export checks that it rebuilds a model with the same weight shapes. Returns the path."""
+    model = unwrap_model(learn.model)
+    if model_fn is not None:
+        ref, args, kwargs = reference(model_fn), list(args), dict(kwargs or {})
+    elif hasattr(model, "nanofit_constructor"):
+        ref, args, kwargs = model.nanofit_constructor
+    else:
+        raise ValueError(f"export needs to know how to rebuild the {type(model).__name__}: pass "
+                         "model_fn= (its class or builder) with args=/kwargs=, or build it with "
+                         "a builder marked @nanofit.exportable (simple_cnn, resnet are)")
+    if not _plain([args, kwargs]):
+        raise ValueError("export: the model's arguments must be plain data (numbers, strings, "
+                         f"lists, dicts), got args={args!r} kwargs={kwargs!r}")
+    rebuilt = resolve(ref, (model_fn,) if model_fn is not None else ())(*args, **kwargs)
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    mine, theirs = shapes(model), shapes(rebuilt)
+    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if differ:
+        raise ValueError(f"export: {ref}(*{args}, **{kwargs}) builds a model whose weights do not "
+                         f"match this one (differing: {differ[:5]}); check the arguments")
+    norm = next((cb.tfm for cb in learn.cbs if isinstance(cb, BatchTransformCB)
+                 and isinstance(cb.tfm, Normalize) and cb.on_val), None)
+    vocab = getattr(learn.dls, "vocab", None) if learn.dls is not None else None
+    return str(atomic_save({"format": EXPORT_FORMAT, "version": 1, "constructor": ref,
+                        "args": args, "kwargs": kwargs, "model": model.state_dict(),
+                        "n_inp": learn.n_inp, "item_ndim": _item_ndim(learn),
+                        "normalize": None if norm is None else {"mean": norm.mean, "std": norm.std},
+                        "vocab": vocab}, path))
+
+
+def read_export(path: str | Path, cpu: bool = True,
+                allowed: tuple = ()) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model rebuilt from an export file and the file's other entries (`load_learner`).
+    Runs no code from the file: the constructor is looked up by name among the @exportable
+    ones and `allowed` (see registry.py)."""
+    try:
+        obj = torch.load(path, map_location="cpu" if cpu else None, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read exported learner {str(path)!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a nanofit export (from learn.export); "
+                         "checkpoints load with learn.load")
+    model = resolve(obj["constructor"], tuple(allowed))(*obj["args"], **obj["kwargs"])
+    model.load_state_dict(obj["model"])
+    model.eval()
+    return model, obj
+
+
+def show_results(learn: Learner, n: int = 9, ncols: int | None = None,
+                 path: str | Path | None = None) -> Figure:
+    """`learn.show_results()`: the first `n` validation images titled 'prediction / target'
+    (class names when the data has a vocab), predicted in eval mode with the learner's
+    validation batch transforms; returns the Figure and saves it to `path` if given."""
+    xb, yb = next(iter(learn.dls.valid))[:2]
+    xb, yb = xb[:n], yb[:n]
+    param = next(learn.model.parameters(), None)
+    x = to_device(xb, param.device) if param is not None else xb
+    for cb in sorted(learn.cbs, key=lambda c: c.order):
+        if isinstance(cb, BatchTransformCB) and cb.on_val and not cb.whole_batch:
+            x = cb.tfm(x)
+    with eval_mode(learn.model), torch.no_grad():
+        preds = learn.model(x).argmax(1).cpu()
+    vocab = getattr(learn.dls, "vocab", None)
+    name = (lambda i: vocab[int(i)]) if vocab else (lambda i: str(int(i)))
+    titles = [f"{name(p)} / {name(t)}" for p, t in zip(preds, yb)]
+    return show_images(xb, titles, ncols, path)

@@ -1,0 +1,336 @@
+"""The Learner: a short training loop whose every stage emits events to callbacks.
+
+Read this file top to bottom to know the whole loop. Everything that changes or observes
+training (metrics, progress bars, schedules, devices, ...) is a callback in `nanofit.callbacks`;
+the conveniences at the end are one-line facades over the modules that implement them.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import inference
+from .callback import (EVENTS, STAGES, STEPS, CancelBatchException, CancelEpochException,
+                       CancelFitException, as_cbs, check_callback, describe_loop,
+                       describe_orders, note_origin)
+from .callbacks import lr_find as finder
+from .callbacks import schedule as scheduling
+from .callbacks.lr_find import LRFinderCB
+from .callbacks.metrics import MetricsCB, Recorder
+from .checkpoint import LoopPosition, load_checkpoint, read_checkpoint, read_for_resume, save_checkpoint
+from .checks import ESCAPED_CANCEL, check_fit_args, describe, loss_hint
+from .hooks import learner_summary
+from .optim import HPOptimizer, freeze_to, make_optimizer, param_groups, set_hyper
+
+__all__ = ["Learner"]
+
+CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
+
+
+class Learner:
+    """Owns the model, data, loss and optimizer, and runs `fit` while calling the callbacks.
+
+    `lr` is the rate a new optimizer starts with (a list gives one per param group); change
+    the live one with `fit(lr=...)` or `learn.opt.lr = ...`. `splitter(model)` returns lists of
+    parameters, one param group each (for discriminative rates and `freeze`).
+
+    Example: `Learner(model, dls, F.cross_entropy, lr=0.1, cbs=[MetricsCB(acc)]).fit(3)`
+    """
+
+    # State that callbacks share, set by its owner at before_fit; reset when a fit starts, so
+    # no callback reads one left over from an earlier fit. Readable after the fit.
+    SHARED = ("metrics", "recorder", "grad_scaler", "accumulating")
+
+    def __init__(self, model: nn.Module, dls: Any = None, loss_func: Callable = F.mse_loss,
+                 lr: float | Sequence[float] = 0.1, cbs: Iterable[Any] | None = None,
+                 opt_func: Callable | None = torch.optim.SGD, n_inp: int = 1,
+                 splitter: Callable[[nn.Module], list] | None = None) -> None:
+        self.model, self.dls, self.loss_func, self.lr = model, dls, loss_func, lr
+        self.opt_func, self.n_inp, self.splitter = opt_func, n_inp, splitter
+        self.opt = None
+        self.cbs: list[Any] = []
+        # The loop's state: callbacks read and write it.
+        self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
+        self.dl: Any = None
+        self.batch: Any = None
+        self.preds: Any = None
+        self.loss: Any = None
+        self.run_valid = False
+        self.position = LoopPosition()  # where the loop is, for checkpoints (checkpoint.py)
+        # Shared by callbacks (see SHARED): MetricsCB, Recorder, MixedPrecision, GradAccumCB.
+        self.metrics: MetricsCB | None = None
+        self.recorder: Recorder | None = None
+        self.grad_scaler: torch.amp.GradScaler | None = None  # fp16 scaler, for custom steps
+        self.accumulating = False  # GradAccumCB is gathering gradients: no step this batch
+        # Results and what an exported learner carries (load_learner).
+        self.lr_finder: LRFinderCB | None = None
+        self.vocab: list[str] | None = None
+        self.item_ndim: int | None = None
+        self._handlers: dict[str, tuple[Callable, ...]] = {}
+        for cb in as_cbs(cbs):
+            self.add_cb(cb)
+        self._build_handlers()
+
+    # ---- callbacks ------------------------------------------------------------------------
+    def add_cb(self, cb: Any) -> Learner:
+        """Add a callback instance; it takes effect at once, even during a fit."""
+        check_callback(cb)
+        self.cbs.append(cb)
+        self._build_handlers()
+        return self
+
+    def rm_cb(self, cb: Any) -> Learner:
+        """Remove a callback instance added earlier."""
+        if not any(cb is c for c in self.cbs):
+            raise ValueError(f"rm_cb: {cb!r} is not among this learner's callbacks "
+                             f"{[type(c).__name__ for c in self.cbs]}")
+        self.cbs[:] = [c for c in self.cbs if c is not cb]
+        self._build_handlers()
+        return self
+
+    @contextmanager
+    def removed_cbs(self, cbs: Iterable[Any]) -> Iterator[Learner]:
+        """Run the block without `cbs`; then the callbacks, and the state they share, are back."""
+        saved, shared = list(self.cbs), {k: getattr(self, k) for k in self.SHARED}
+        self.cbs[:] = [c for c in saved if not any(c is r for r in cbs)]
+        self._build_handlers()
+        try:
+            yield self
+        finally:
+            self.cbs[:] = saved
+            for k, v in shared.items():
+                setattr(self, k, v)
+            self._build_handlers()
+
+    def _build_handlers(self) -> None:
+        # Sorted once here, so the loop only walks ready-made tuples of bound methods.
+        ordered = sorted(self.cbs, key=lambda cb: cb.order)  # stable: ties keep list order
+        handlers = {name: tuple(m for m in (getattr(cb, name, None) for cb in ordered)
+                                if callable(m)) for name in EVENTS + STEPS}
+        for name in STEPS:  # a step is replaced, as a method is overridden: the last one wins
+            handlers[name] = handlers[name][-1:] or (getattr(type(self), name),)
+        # A callback's `wrap_handler(event, fn)` wraps the others (ProfileCB, MixedPrecision);
+        # the lowest order wraps outermost.
+        for cb in reversed(ordered):
+            wrap = getattr(cb, "wrap_handler", None)
+            if callable(wrap):
+                handlers = {e: tuple(wrap(e, fn) for fn in fns) for e, fns in handlers.items()}
+        self._handlers = handlers
+
+    def callback(self, event: str) -> None:
+        """Run every callback's `event` method, in order, passing the learner."""
+        for fn in self._handlers[event]:
+            try:
+                fn(self)
+            except CANCELS:
+                raise
+            except BaseException as e:
+                note_origin(e, fn, event)
+                raise
+
+    def show_training_loop(self) -> None:
+        """Print the callbacks with their orders, then, for each event, what runs there."""
+        self._build_handlers()
+        print(describe_orders(self.cbs) + "\n" + describe_loop(self._handlers))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
+            cbs: Iterable[Any] | None = None, lr: float | Sequence[float] | None = None,
+            resume: str | None = None) -> None:
+        """Train for `n_epochs`, each a training phase then a validation phase.
+
+        `cbs` are added for this call only; `lr` sets the optimizer's learning rate. `resume`
+        (a checkpoint file, or a folder: its newest) continues an interrupted run exactly
+        where its checkpoint was taken, as if it had never stopped.
+        """
+        extra = as_cbs(cbs)
+        check_fit_args(self, n_epochs, train, valid, lr, extra)
+        ckpt = read_for_resume(resume, self, n_epochs) if resume is not None else None
+        self.cbs.extend(extra)
+        try:
+            self._build_handlers()  # also picks up callbacks appended to learn.cbs directly
+            if lr is not None:
+                self.lr = lr
+            if train:
+                self._prepare_opt(lr)
+            self.n_epochs = n_epochs
+            self.run_valid = valid and getattr(self.dls, "valid", None) is not None
+            self.metrics = self.recorder = self.grad_scaler = None
+            self.accumulating = False
+            self.position.start_fit()
+            self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
+        except (CancelEpochException, CancelBatchException) as e:
+            e.add_note(ESCAPED_CANCEL.format(type(e).__name__))
+            raise
+        finally:
+            self.position.end_fit()
+            self.cbs[:] = [c for c in self.cbs if not any(c is cb for cb in extra)]
+            self._build_handlers()
+
+    def _do_fit(self, train: bool, valid: bool, ckpt: dict | None) -> None:
+        first_epoch, first_batch, train_done = self.position.resume(self, ckpt)
+        for self.epoch in range(first_epoch, self.n_epochs):
+            resumed = self.epoch == first_epoch
+            if train and not (resumed and train_done):
+                self.one_epoch(True, first_batch if resumed else 0)
+            if valid:
+                with torch.no_grad():
+                    self.one_epoch(False)
+
+    def one_epoch(self, train: bool, start: int = 0) -> None:
+        """Run one phase (training or validation) over `dls.train` or `dls.valid`, from batch
+        `start` (a resumed epoch)."""
+        self.model.train(train)
+        self.dl = self.dls.train if train else self.dls.valid
+        self.n_iter = len(self.dl) if hasattr(self.dl, "__len__") else 0
+        self.iter = start - 1
+        batches = self.position.batches(self, train, start)
+        self._with_events("epoch", lambda: self._do_epoch(batches, start))
+
+    def _do_epoch(self, batches: Iterator[Any], start: int) -> None:
+        for self.iter, self.batch in enumerate(batches, start):
+            self._with_events("batch", self._do_batch)
+
+    def _do_batch(self) -> None:
+        run = self.callback
+        run("predict")
+        run("after_predict")
+        run("get_loss")
+        run("after_loss")
+        if not self.model.training:
+            return
+        try:
+            run("backward")
+            run("after_backward")
+            run("step")
+            run("after_step")
+        finally:  # a batch cancelled after backward must not leak its gradients into the next
+            run("zero_grad")
+
+    def _with_events(self, stage: str, body: Callable[[], None]) -> None:
+        cancel, before, after, after_cancel, cleanup = STAGES[stage]
+        try:
+            try:
+                self.callback(before)
+                body()
+                self.callback(after)
+            except cancel:
+                self.callback(after_cancel)
+        except BaseException as error:
+            try:  # the cleanup still runs; a second failure must not hide the first
+                self.callback(cleanup)
+            except Exception as second:
+                if isinstance(error, CANCELS):
+                    raise  # a real error beats a cancellation
+                error.add_note(f"while cleaning up ({cleanup}), {type(second).__name__}: "
+                               f"{second}")
+            raise
+        self.callback(cleanup)
+
+    # ---- the five steps: defaults that a callback or a subclass may replace -----------------
+    def predict(self, x: Any = None, act: Callable | None = None) -> Any:
+        """Two uses, told apart by `x`:
+        - the loop's step, `predict()` (miniai's): preds = model(*inputs), the inputs being
+          the first `n_inp` batch items. Callbacks and subclasses replace this one.
+        - inference, `learn.predict(x)` (fastai's): `nanofit.inference.predict`, the prediction
+          for one item or a batch, in eval mode with the validation transforms; `act` (e.g.
+          softmax) is applied to it."""
+        if x is None:
+            self.preds = self.model(*self.batch[: self.n_inp])
+            return None
+        return inference.predict(self, x, act)
+
+    def get_loss(self) -> None:
+        """loss = loss_func(preds, *targets), the targets being the rest of the batch."""
+        targets = self.batch[self.n_inp:]
+        try:
+            self.loss = self.loss_func(self.preds, *targets)
+        except Exception as e:
+            got = ", ".join(describe(t) for t in (self.preds, *targets))
+            e.add_note(f"loss_func got {got} (epoch {self.epoch}, batch {self.iter})"
+                       + loss_hint(self.preds, targets))
+            raise
+
+    def backward(self) -> None:
+        """loss.backward()"""
+        self.loss.backward()
+
+    def step(self) -> None:
+        """opt.step()"""
+        if self.opt is None:
+            raise RuntimeError("step: the learner has no optimizer; pass opt_func= to Learner "
+                               "or replace `step` in a callback")
+        self.opt.step()
+
+    def zero_grad(self) -> None:
+        """opt.zero_grad()"""
+        if self.opt is not None:  # runs even after a failed step: must not hide that error
+            self.opt.zero_grad()
+
+    @property
+    def training(self) -> bool:
+        """True during a training phase (the model is in train mode)."""
+        return self.model.training
+
+    # ---- the optimizer ------------------------------------------------------------------------
+    @property
+    def opt(self) -> HPOptimizer | None:
+        """The optimizer (made by the first fit), with lr/mom/wd/beta by name; None resets it."""
+        return self._opt
+
+    @opt.setter
+    def opt(self, opt: Any) -> None:
+        self._opt = None if opt is None else HPOptimizer(opt)
+
+    def create_opt(self) -> None:
+        """Make the optimizer: `opt_func(param_groups, lr=lr)`, one group per split."""
+        if self.opt_func is not None:
+            self.opt = make_optimizer(self.opt_func, self.model, self.splitter, self.lr)
+
+    def _prepare_opt(self, lr: float | Sequence[float] | None) -> None:
+        if self.opt is None:
+            self.create_opt()
+        elif lr is not None:
+            set_hyper(self.opt, "lr", lr)
+
+    def splits(self) -> list[list[nn.Parameter]]:
+        """The parameter groups: `splitter(model)`, or one group of all parameters."""
+        return param_groups(self.model, self.splitter)
+
+    def freeze_to(self, n: int, train_bn: bool = True) -> None:
+        """Freeze the parameter groups before group `n` (negative counts from the end); with
+        `train_bn` (fastai's default) batchnorm layers stay trainable everywhere."""
+        freeze_to(self.model, self.splits(), n, train_bn)
+
+    def freeze(self, train_bn: bool = True) -> None:
+        """Freeze all parameter groups but the last (the head), as in fastai."""
+        self.freeze_to(-1, train_bn)
+
+    def unfreeze(self) -> None:
+        """Make every parameter group trainable."""
+        self.freeze_to(0, train_bn=True)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save(self, path: str) -> str:
+        """Save a checkpoint (atomically); inside a fit, from after_batch or after_epoch."""
+        return str(save_checkpoint(self, path))
+
+    def load(self, path: str, with_opt: bool = True) -> Learner:
+        """Load weights (and optimizer) from a checkpoint file or folder; fit(resume=) resumes."""
+        load_checkpoint(self, read_checkpoint(path), with_opt)
+        return self
+
+    # ---- conveniences: the functions that do the work, documented where they are defined ------
+    fit_one_cycle = scheduling.fit_one_cycle
+    fit_flat_cos = scheduling.fit_flat_cos
+    fine_tune = scheduling.fine_tune
+    lr_find = finder.lr_find
+    get_preds = inference.get_preds
+    tta = inference.tta
+    export = inference.export
+    show_results = inference.show_results
+    summary = learner_summary

@@ -1,0 +1,79 @@
+"""Putting a learner back exactly as it was after a block (lr_find's sweep), all in memory."""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .torch_utils import preserved_rng
+
+if TYPE_CHECKING:
+    from .learner import Learner
+
+__all__ = ["preserve_state"]
+
+
+@contextmanager
+def preserve_state(learn: Learner) -> Iterator[None]:
+    """Run the block, then put the learner back exactly as it was, whatever the block did.
+
+    Restores model parameters and buffers (values, devices, dtypes), train/eval mode,
+    `requires_grad` flags and gradients, the optimizer (or its absence) with its state and
+    hyper-parameters, the state of each callback with `state_dict()`/`load_state_dict()`, the
+    learner's loop attributes and position, every global RNG and the data loaders'
+    generators. (The list of callbacks: `learn.removed_cbs`.)
+    """
+    model = learn.model
+    # Every parameter and buffer (non-persistent ones too), with its device and dtype.
+    params = [(p, p.detach().clone()) for p in model.parameters()]
+    buffers = [(m, name, b.detach().clone()) for m in model.modules()
+               for name, b in m.named_buffers(recurse=False)]
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    opt = learn.opt
+    opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    cb_states = [(cb, copy.deepcopy(cb.state_dict())) for cb in learn.cbs
+                 if callable(getattr(cb, "state_dict", None))]
+    attrs = {k: getattr(learn, k) for k in ("lr", "n_epochs", "epoch", "iter", "n_iter", "dl",
+                                            "batch", "preds", "loss", "run_valid")}
+    position = copy.copy(learn.position)
+    idle_loaders = [dl for dl in _loaders(learn.dls) if getattr(dl, "_iterator", "") is None]
+    with preserved_rng(learn.dls):
+        try:
+            yield
+        finally:
+            for p, saved in params:
+                p.data = saved
+            for m, name, saved in buffers:
+                m._buffers[name] = saved
+            for m, mode in zip(model.modules(), modes):
+                m.training = mode
+            for p, flag, grad in zip(model.parameters(), flags, grads):
+                p.requires_grad_(flag)
+                p.grad = grad
+            learn.opt = opt
+            if opt is not None:
+                opt.load_state_dict(opt_state)
+            for cb, state in cb_states:
+                cb.load_state_dict(state)
+            for k, v in attrs.items():
+                setattr(learn, k, v)
+            learn.position = position
+            for dl in idle_loaders:  # persistent workers started meanwhile carry RNG state
+                _stop_workers(dl)
+
+
+def _loaders(dls: Any) -> list[Any]:
+    return [dl for dl in (getattr(dls, "train", None), getattr(dls, "valid", None))
+            if dl is not None]
+
+
+def _stop_workers(dl: Any) -> None:
+    """Shut down a torch DataLoader's persistent worker processes, as if never iterated."""
+    iterator = getattr(dl, "_iterator", None)
+    if iterator is not None:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        dl._iterator = None
