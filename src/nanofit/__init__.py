@@ -9,14 +9,46 @@ was importable from `nanofit` before stays importable from it.
 from importlib.metadata import PackageNotFoundError, version
 
 from .augment import Normalize, compose, random_crop, random_erase, random_flip
-from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
-                       CancelFitException, Order)
-from .callbacks import (DDPCB, ActivationStats, BatchSchedCB, BatchTransformCB, CheckpointCB,
-                        CompileCB, CSVLogger, CutMix, DeviceCB, EarlyStoppingCB, EpochSchedCB,
-                        GradAccumCB, GradClipCB, HooksCallback, LRFinderCB, MetricsCB,
-                        MixedPrecision, MixUp, ParamScheduler, ProfileCB, ProgressCB, Recorder,
-                        ReduceLROnPlateauCB, SaveBestCB, SingleBatchCB, SuggestedLRs,
-                        TensorBoardCB, TerminateOnNaNCB, TrainCB)
+from .callback import (
+    EVENTS,
+    STEPS,
+    Callback,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    Order,
+)
+from .callbacks import (
+    DDPCB,
+    ActivationStats,
+    BatchSchedCB,
+    BatchTransformCB,
+    CheckpointCB,
+    CompileCB,
+    CSVLogger,
+    CutMix,
+    DeviceCB,
+    EarlyStoppingCB,
+    EpochSchedCB,
+    GradAccumCB,
+    GradClipCB,
+    HooksCallback,
+    LRFinderCB,
+    MetricsCB,
+    MixedPrecision,
+    MixUp,
+    ParamScheduler,
+    ProfileCB,
+    ProgressCB,
+    Recorder,
+    ReduceLROnPlateauCB,
+    SaveBestCB,
+    SingleBatchCB,
+    SuggestedLRs,
+    TensorBoardCB,
+    TerminateOnNaNCB,
+    TrainCB,
+)
 from .data import DataLoaders, TensorLoader, collate_dict
 from .distributed import is_rank0, rank0_only
 from .hooks import Hook, Hooks, ModelSummary, model_summary
@@ -27,8 +59,16 @@ from .learners import MomentumLearner, TrainLearner, load_learner
 from .models import ResBlock, conv, resnet, simple_cnn
 from .optim import HPOptimizer, get_hyper, set_hyper
 from .registry import exportable
-from .schedule import (combine_scheds, flat_cos_scheds, lr_range, one_cycle_scheds, sched_cos,
-                       sched_exp, sched_lin, sched_no)
+from .schedule import (
+    combine_scheds,
+    flat_cos_scheds,
+    lr_range,
+    one_cycle_scheds,
+    sched_cos,
+    sched_exp,
+    sched_lin,
+    sched_no,
+)
 from .torch_utils import def_device, to_cpu, to_device
 
 try:

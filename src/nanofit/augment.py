@@ -6,7 +6,8 @@ Use them through `BatchTransformCB(tfm, on_val=False)`, e.g.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +75,8 @@ class Normalize:
     `Normalize.from_batch(xb)` takes them from a batch; `Normalize(*dls.stats())` from data.
     """
 
-    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor) -> None:
+    def __init__(self, mean: Sequence[float] | torch.Tensor,
+                 std: Sequence[float] | torch.Tensor) -> None:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
         self.std = torch.as_tensor(std, dtype=torch.float32).flatten()
         if self.mean.shape != self.std.shape:
@@ -85,7 +87,7 @@ class Normalize:
         self._cache: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
-    def from_batch(cls, xb: torch.Tensor) -> "Normalize":
+    def from_batch(cls, xb: torch.Tensor) -> Normalize:
         """Per-channel statistics of a batch (channels on dim 1)."""
         dims = [d for d in range(xb.ndim) if d != 1]
         return cls(xb.float().mean(dims), xb.float().std(dims))

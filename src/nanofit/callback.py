@@ -4,10 +4,11 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .learner import Learner
+    pass
 
 __all__ = ["Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
            "Order", "EVENTS", "STEPS", "STAGES", "check_callback", "note_origin", "where",

@@ -13,8 +13,9 @@ import pickle
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -150,8 +151,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                          f"and plain data, and nanofit never runs code from a checkpoint "
                          f"({str(e).splitlines()[0]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"cannot read checkpoint {str(path)!r}: the file is truncated or "
-                         f"corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"corrupt ({type(e).__name__}: {first}); "
                          "use an earlier checkpoint") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a nanofit checkpoint (no '{FORMAT}' marker); "
@@ -184,11 +186,12 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, n_epochs: int) -> None
         warnings.warn(f"resuming a {ckpt['n_epochs']}-epoch run as a {n_epochs}-epoch fit: "
                       "schedules over the whole fit (one-cycle...) will not match the original")
     train = getattr(learn.dls, "train", None)
-    n = len(train) if hasattr(train, "__len__") else None
+    n = len(train) if train is not None and hasattr(train, "__len__") else None
     if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n:
         warnings.warn(f"the checkpoint's training loader had {ckpt['n_batches']} batches, this one "
                       f"has {n}: the resumed epoch cannot follow the original order")
-    if any(getattr(dl, "persistent_workers", False) for dl in (train, getattr(learn.dls, "valid", None))):
+    loaders = (train, getattr(learn.dls, "valid", None))
+    if any(getattr(dl, "persistent_workers", False) for dl in loaders):
         warnings.warn("resuming with persistent_workers=True: the workers' base seed is drawn "
                       "once per run, so the resumed run's random streams can differ from the "
                       "original; use persistent_workers=False for a bit-exact resume")
@@ -248,7 +251,7 @@ class _SkipBatches:
         # drawn only by materialize(), after the loader drew its base seed (as originally).
         if self.batches is None:
             self.materialize()
-        yield from self.batches
+        yield from self.batches or []
 
     def __len__(self) -> int:
         return max(len(self.batch_sampler) - self.skip, 0)

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,8 +13,9 @@ from .optim import check_lr
 if TYPE_CHECKING:
     from .learner import Learner
 
-ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelBatchException in "
-                  "before_epoch); raise the exception of the stage you are in, or CancelFitException")
+ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelBatchException "
+                  "in before_epoch); raise the exception of the stage you are in, or "
+                  "CancelFitException")
 
 __all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe"]
 
@@ -64,12 +66,13 @@ def check_first_batch(batches: Iterator[Any], phase: str) -> Iterator[Any]:
 
 def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
     """The usual fix for a loss function that failed on these shapes and dtypes, if we know it."""
-    if not targets or not isinstance(preds, torch.Tensor) or not isinstance(targets[0], torch.Tensor):
+    if not (targets and isinstance(preds, torch.Tensor) and isinstance(targets[0], torch.Tensor)):
         return ""
     targ = targets[0]
     if preds.shape[:1] != targ.shape[:1]:
-        return (f"; preds and targets hold different numbers of items ({preds.shape[0] if preds.ndim else 0}"
-                f" vs {targ.shape[0] if targ.ndim else 0}): check that the model keeps the batch dimension")
+        n_preds, n_targ = preds.shape[0] if preds.ndim else 0, targ.shape[0] if targ.ndim else 0
+        return (f"; preds and targets hold different numbers of items ({n_preds} vs {n_targ}): "
+                "check that the model keeps the batch dimension")
     if preds.ndim == 2 and targ.ndim == 2 and targ.shape[1] == 1 and not targ.is_floating_point():
         return ("; class-index targets must have shape (N,): squeeze them (y.squeeze(1)) or use "
                 "y.view(-1) in the dataset")

@@ -5,9 +5,10 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,15 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .augment import Normalize
-from .callbacks import (DDPCB, ActivationStats, BatchTransformCB, DeviceCB, MetricsCB, ProgressCB,
-                        Recorder)
+from .callbacks import (
+    DDPCB,
+    ActivationStats,
+    BatchTransformCB,
+    DeviceCB,
+    MetricsCB,
+    ProgressCB,
+    Recorder,
+)
 from .data import DataLoaders
 from .distributed import is_rank0, torchrun_env
 from .learner import Learner
@@ -71,7 +79,7 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
     """
     say = print if is_rank0() else (lambda *a, **k: None)  # under torchrun, rank 0 talks
     torch.manual_seed(seed)
-    cbs = [DDPCB()] if torchrun_env() else []
+    cbs: list[Any] = [DDPCB()] if torchrun_env() else []
     cbs.append(DeviceCB())
     if data is None:
         dls, n_classes, model = digits_dls(bs, seed), 10, demo_model()
@@ -84,9 +92,10 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
         cbs.append(BatchTransformCB(Normalize(*dls.stats(n_batches=4))))
         say(f"nanofit demo: a small CNN on {str(data)!r} ({len(dls.train.dataset)} train, "
               f"{len(dls.valid.dataset)} valid images, {n_classes} classes, {size}x{size})")
+    recorder = Recorder()
     metrics = MetricsCB(accuracy=MulticlassAccuracy(num_classes=n_classes, average="micro"))
     learn = Learner(model, dls, F.cross_entropy, opt_func=partial(torch.optim.SGD, momentum=0.9),
-                    cbs=[*cbs, metrics, Recorder(), ProgressCB()])
+                    cbs=[*cbs, metrics, recorder, ProgressCB()])
     if lr is None:
         suggestion = learn.lr_find(plot=is_rank0(), plot_path=str(out / "lr_find.png"))
         lr = suggestion.valley
@@ -96,8 +105,8 @@ def run_demo(epochs: int, lr: float | None, bs: int, seed: int, out: Path,
     learn.fit_one_cycle(epochs, lr, cbs=stats)
     seconds = time.monotonic() - start
     if is_rank0():
-        learn.recorder.plot_loss(path=out / "loss.png")
-        learn.recorder.plot_sched(path=out / "schedule.png")
+        recorder.plot_loss(path=out / "loss.png")
+        recorder.plot_sched(path=out / "schedule.png")
     accuracy = metrics.history[-1]["accuracy"]
     say(f"validation accuracy {accuracy:.4f} after {epochs} epochs of fit_one_cycle "
           f"(lr_max {lr:.2e}) in {seconds:.1f}s")
@@ -140,7 +149,8 @@ def _positive(kind: type):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number ({kind.__name__}), got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a number ({kind.__name__}), "
+                                             f"got {text!r}") from None
         if not 0 < value < float("inf"):  # also rejects nan
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return value
@@ -151,7 +161,7 @@ def _seed(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text!r}")
     return value
@@ -198,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{e.strerror}", file=sys.stderr)
             return 2
         if args.data is not None and not args.data.is_dir():
-            print(f"nanofit demo: error: --data {str(args.data)!r} is not a folder", file=sys.stderr)
+            print(f"nanofit demo: error: --data {str(args.data)!r} is not a folder",
+                  file=sys.stderr)
             return 2
         run_demo(args.epochs, args.lr, args.bs, args.seed, args.out, args.diagnose, args.data,
                  args.size)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, default_collate
@@ -126,10 +128,11 @@ class DataLoaders:
         return f"DataLoaders(train={self.train!r}, valid={self.valid!r})"
 
     @classmethod
-    def from_tensors(cls, train: Sequence[torch.Tensor], valid: Sequence[torch.Tensor] | None = None,
+    def from_tensors(cls, train: Sequence[torch.Tensor],
+                     valid: Sequence[torch.Tensor] | None = None,
                      batch_size: int = 64, shuffle: bool = True, drop_last: bool = False,
                      generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> "DataLoaders":
+                     device: torch.device | str | None = None) -> DataLoaders:
         """TensorLoaders over `(x, y)` tuples of tensors: training shuffled, validation in order.
 
         `device` moves the tensors there once, so batches need no copy each step.
@@ -148,7 +151,7 @@ class DataLoaders:
 
     @classmethod
     def from_dd(cls, dataset_dict: Any, batch_size: int, shuffle: bool = True,
-                as_tuple: bool = True, **kwargs: Any) -> "DataLoaders":
+                as_tuple: bool = True, **kwargs: Any) -> DataLoaders:
         """torch DataLoaders over a Hugging Face `DatasetDict`: its 'train' split (shuffled) and
         its 'validation', 'valid' or 'test' split (in order).
 
@@ -171,10 +174,10 @@ class DataLoaders:
         return cls(train, valid)
 
     @classmethod
-    def from_folder(cls, path: str, train: str = "train", valid: str = "valid",
+    def from_folder(cls, path: str | Path, train: str = "train", valid: str = "valid",
                     valid_pct: float | None = None, bs: int = 64, size: Any = None,
                     num_workers: int | None = None, seed: int | None = None, mode: str = "RGB",
-                    skip_bad: bool = False, **kwargs: Any) -> "DataLoaders":
+                    skip_bad: bool = False, **kwargs: Any) -> DataLoaders:
         """Image DataLoaders from a folder: label = parent folder name; split by grand-parent
         folder (`path/train/...`, `path/valid/...`) or, with `valid_pct`, at random (seeded).
 
@@ -202,7 +205,7 @@ class DataLoaders:
         dims = [d for d in range(x.ndim) if d != 1]
         return x.mean(dims), x.std(dims)
 
-    def show_batch(self, n: int = 16, ncols: int | None = None, path: str | None = None):
+    def show_batch(self, n: int = 16, ncols: int | None = None, path: str | Path | None = None):
         """A grid of the first `n` training images with their labels; returns the Figure."""
         xb, yb = next(iter(self.train))[:2]
         vocab = self.vocab

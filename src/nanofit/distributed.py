@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -103,7 +104,8 @@ class ShardedTensorLoader:
     def _indices(self) -> torch.Tensor:
         n = self.loader.n
         if self.loader.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            gen = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
         if self.pad and n % self.world:

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class Hook:
         """Unregister the hook (safe to call twice)."""
         self.handle.remove()
 
-    def __enter__(self) -> "Hook":
+    def __enter__(self) -> Hook:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -75,7 +76,7 @@ class Hooks:
         for h in self.hooks:
             h.remove()
 
-    def __enter__(self) -> "Hooks":
+    def __enter__(self) -> Hooks:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ def image_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder {str(path)!r} does not exist or is not a folder")
-    return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p for p in path.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def _readable(file: Path) -> bool:
@@ -58,12 +60,14 @@ class ImageFolder(Dataset):
             bad = [f for f in self.files if not _readable(f)]
             if bad:
                 warnings.warn(f"ImageFolder: skipping {len(bad)} unreadable file(s): "
-                              f"{', '.join(str(f) for f in bad[:5])}{' ...' if len(bad) > 5 else ''}")
+                              f"{', '.join(str(f) for f in bad[:5])}"
+                              f"{' ...' if len(bad) > 5 else ''}")
                 self.files = [f for f in self.files if f not in set(bad)]
         if not self.files:
             raise ValueError(f"ImageFolder found no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
                              f"under {str(self.path)!r}")
-        self.vocab = list(vocab) if vocab is not None else sorted({f.parent.name for f in self.files})
+        found = sorted({f.parent.name for f in self.files})
+        self.vocab = list(vocab) if vocab is not None else found
         self.o2i = {name: i for i, name in enumerate(self.vocab)}
         unknown = sorted({f.parent.name for f in self.files} - set(self.o2i))
         if unknown:
@@ -80,10 +84,10 @@ class ImageFolder(Dataset):
         from PIL import Image
 
         try:
-            with Image.open(file) as im:
-                im = im.convert(self.mode)
+            with Image.open(file) as opened:
+                im = opened.convert(self.mode)
                 if self.size is not None:
-                    im = im.resize((self.size[1], self.size[0]), Image.BILINEAR)
+                    im = im.resize((self.size[1], self.size[0]), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
         except Exception as e:
             raise ValueError(f"cannot read image {str(file)!r}: {type(e).__name__}: {e}; remove "
@@ -110,7 +114,7 @@ def default_workers() -> int:
 
 def _split(files: list[Path], root: Path, train: str, valid: str, valid_pct: float | None,
            seed: int | None) -> tuple[list[Path], list[Path]]:
-    if valid_pct is None:  # by grand-parent folder: root/train/<class>/x.png, root/valid/<class>/y.png
+    if valid_pct is None:  # by grand-parent: root/train/<class>/x.png, root/valid/<class>/y.png
         top = {f: f.relative_to(root).parts[0] for f in files}
         tr = [f for f in files if top[f] == train]
         va = [f for f in files if top[f] == valid]

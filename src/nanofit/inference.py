@@ -3,8 +3,9 @@ augmentation, shown as images; export for `load_learner` (no pickles: a construc
 and weights)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import RandomSampler
@@ -46,7 +47,8 @@ class _Capture(Callback):
         learn.loss = torch.zeros(())
         if self.with_loss and targets:
             try:
-                self.losses.append(learn.loss_func(learn.preds, *targets, reduction="none").detach().cpu())
+                losses = learn.loss_func(learn.preds, *targets, reduction="none")
+                self.losses.append(losses.detach().cpu())
             except TypeError:
                 raise TypeError("get_preds(with_loss=True) needs a loss_func that takes "
                                 "reduction='none' (like torch's losses)") from None
@@ -124,7 +126,8 @@ def tta(learn: Learner, n: int = 4, tfm: Callable | None = None, dl: Any = None,
     """`learn.tta()`: (preds, targets) averaged over the plain data and `n` copies augmented
     by `tfm` (default: random left-right flips); `dl` must keep its order."""
     loader = dl if dl is not None else learn.dls.valid
-    if getattr(loader, "shuffle", False) or isinstance(getattr(loader, "sampler", None), RandomSampler):
+    shuffled = isinstance(getattr(loader, "sampler", None), RandomSampler)
+    if getattr(loader, "shuffle", False) or shuffled:
         raise ValueError("tta averages several passes item by item: give it a loader that keeps "
                          "its order (shuffle=False)")
     tfm = tfm if tfm is not None else random_flip()
@@ -155,32 +158,36 @@ def export(learn: Learner, path: str | Path, model_fn: Callable | None = None,
     class or builder, with `args`/`kwargs`), or the @exportable builder that made the model;
     export checks that it rebuilds a model with the same weight shapes. Returns the path."""
     model = unwrap_model(learn.model)
+    recorded: Any = getattr(model, "nanofit_constructor", None)  # set by @exportable builders
     if model_fn is not None:
-        ref, args, kwargs = reference(model_fn), list(args), dict(kwargs or {})
-    elif hasattr(model, "nanofit_constructor"):
-        ref, args, kwargs = model.nanofit_constructor
+        ref, arg_list, kwargs = reference(model_fn), list(args), dict(kwargs or {})
+    elif recorded is not None:
+        ref, arg_list, kwargs = recorded
     else:
         raise ValueError(f"export needs to know how to rebuild the {type(model).__name__}: pass "
                          "model_fn= (its class or builder) with args=/kwargs=, or build it with "
                          "a builder marked @nanofit.exportable (simple_cnn, resnet are)")
-    if not _plain([args, kwargs]):
+    if not _plain([arg_list, kwargs]):
         raise ValueError("export: the model's arguments must be plain data (numbers, strings, "
-                         f"lists, dicts), got args={args!r} kwargs={kwargs!r}")
-    rebuilt = resolve(ref, (model_fn,) if model_fn is not None else ())(*args, **kwargs)
-    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
-    mine, theirs = shapes(model), shapes(rebuilt)
+                         f"lists, dicts), got args={arg_list!r} kwargs={kwargs!r}")
+    rebuilt = resolve(ref, (model_fn,) if model_fn is not None else ())(*arg_list, **kwargs)
+    mine, theirs = _shapes(model), _shapes(rebuilt)
     differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if differ:
-        raise ValueError(f"export: {ref}(*{args}, **{kwargs}) builds a model whose weights do not "
-                         f"match this one (differing: {differ[:5]}); check the arguments")
+        raise ValueError(f"export: {ref}(*{arg_list}, **{kwargs}) builds a model whose weights "
+                         f"do not match this one (differing: {differ[:5]}); check the arguments")
     norm = next((cb.tfm for cb in learn.cbs if isinstance(cb, BatchTransformCB)
                  and isinstance(cb.tfm, Normalize) and cb.on_val), None)
     vocab = getattr(learn.dls, "vocab", None) if learn.dls is not None else None
-    return str(atomic_save({"format": EXPORT_FORMAT, "version": 1, "constructor": ref,
-                        "args": args, "kwargs": kwargs, "model": model.state_dict(),
-                        "n_inp": learn.n_inp, "item_ndim": _item_ndim(learn),
-                        "normalize": None if norm is None else {"mean": norm.mean, "std": norm.std},
-                        "vocab": vocab}, path))
+    saved = {"format": EXPORT_FORMAT, "version": 1, "constructor": ref, "args": arg_list,
+             "kwargs": kwargs, "model": model.state_dict(), "n_inp": learn.n_inp,
+             "item_ndim": _item_ndim(learn), "vocab": vocab,
+             "normalize": None if norm is None else {"mean": norm.mean, "std": norm.std}}
+    return str(atomic_save(saved, path))
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def read_export(path: str | Path, cpu: bool = True,

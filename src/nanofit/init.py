@@ -60,7 +60,8 @@ def lsuv_init(model: nn.Module, xb: Any, mods: list[nn.Module] | None = None,
         for m in mods:
             seen: dict[str, float] = {}
 
-            def grab(hook: Hook, module: nn.Module, inp: tuple, outp: torch.Tensor) -> None:
+            def grab(hook: Hook, module: nn.Module, inp: tuple, outp: torch.Tensor,
+                     seen: dict[str, float] = seen) -> None:
                 seen["mean"], seen["std"] = outp.mean().item(), outp.std().item()
 
             with Hook(m, grab):
@@ -71,9 +72,11 @@ def lsuv_init(model: nn.Module, xb: Any, mods: list[nn.Module] | None = None,
                                          "mods= with layers the forward pass uses")
                     if abs(seen["mean"]) < tol and abs(seen["std"] - 1) < tol:
                         break
-                    if getattr(m, "bias", None) is not None:
-                        m.bias -= seen["mean"]
-                    m.weight /= seen["std"]
+                    bias, weight = getattr(m, "bias", None), m.weight
+                    assert isinstance(weight, torch.Tensor)
+                    if isinstance(bias, torch.Tensor):
+                        bias -= seen["mean"]
+                    weight /= seen["std"]
                 model(xb)
             results.append((seen["mean"], seen["std"]))
     return results

@@ -6,22 +6,39 @@ the conveniences at the end are one-line facades over the modules that implement
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import inference
-from .callback import (EVENTS, STAGES, STEPS, CancelBatchException, CancelEpochException,
-                       CancelFitException, as_cbs, check_callback, describe_loop,
-                       describe_orders, note_origin)
+from .callback import (
+    EVENTS,
+    STAGES,
+    STEPS,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    as_cbs,
+    check_callback,
+    describe_loop,
+    describe_orders,
+    note_origin,
+)
 from .callbacks import lr_find as finder
 from .callbacks import schedule as scheduling
 from .callbacks.lr_find import LRFinderCB
 from .callbacks.metrics import MetricsCB, Recorder
-from .checkpoint import LoopPosition, load_checkpoint, read_checkpoint, read_for_resume, save_checkpoint
+from .checkpoint import (
+    LoopPosition,
+    load_checkpoint,
+    read_checkpoint,
+    read_for_resume,
+    save_checkpoint,
+)
 from .checks import ESCAPED_CANCEL, check_fit_args, describe, loss_hint
 from .hooks import learner_summary
 from .optim import HPOptimizer, freeze_to, make_optimizer, param_groups, set_hyper

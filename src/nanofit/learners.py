@@ -3,8 +3,9 @@ steps (the subclassing alternative to callbacks, as in the course); load_learner
 from `learn.export`."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,11 @@ class TrainLearner(Learner):
         self.loss.backward()
 
     def step(self) -> None:
+        assert self.opt is not None, "pass opt_func= to the learner"
         self.opt.step()
 
     def zero_grad(self) -> None:
+        assert self.opt is not None, "pass opt_func= to the learner"
         self.opt.zero_grad()
 
 

@@ -1,7 +1,7 @@
 """Model building blocks for small images: conv layers, residual blocks, two builders."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -12,7 +12,8 @@ __all__ = ["conv", "ResBlock", "simple_cnn", "resnet"]
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act: Callable[[], nn.Module] | None = nn.ReLU,
+def conv(ni: int, nf: int, ks: int = 3, stride: int = 2,
+         act: Callable[[], nn.Module] | None = nn.ReLU,
          norm: Callable[[int], nn.Module] | None = None, bias: bool | None = None) -> nn.Sequential:
     """Conv2d (padding ks//2), then `norm(nf)` and `act()` if given.
 

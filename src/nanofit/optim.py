@@ -9,12 +9,14 @@ gradient (L2); SGD's `weight_decay` is L2, which for plain SGD is the same thing
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["check_lr", "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+__all__ = ["check_lr", "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer",
+           "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -101,8 +103,9 @@ def set_hyper(opt: Any, name: str, value: float | Sequence[float]) -> None:
         for group, v in zip(groups, value):
             put(group, float(v))
     else:
+        one = float(value)  # type: ignore[arg-type]  # a number: lists were handled above
         for group in groups:
-            put(group, float(value))
+            put(group, one)
 
 
 class HPOptimizer:
@@ -206,7 +209,8 @@ def make_optimizer(opt_func: Callable, model: nn.Module, splitter: Callable | No
     if splitter is None:
         opt = HPOptimizer(opt_func(model.parameters(), lr=first))
     else:
-        opt = HPOptimizer(opt_func([{"params": g} for g in param_groups(model, splitter)], lr=first))
+        groups = [{"params": g} for g in param_groups(model, splitter)]
+        opt = HPOptimizer(opt_func(groups, lr=first))
     if lrs:
         set_hyper(opt, "lr", lrs)
     return opt

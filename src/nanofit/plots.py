@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["new_figure", "in_notebook", "show_or_save", "smooth_ema", "plot_loss", "plot_history", "plot_lr_find", "plot_sched", "save_figure"]
+__all__ = ["new_figure", "in_notebook", "show_or_save", "smooth_ema", "plot_loss", "plot_history",
+           "plot_lr_find", "plot_sched", "save_figure"]
 
 
 def new_figure(**kwargs: Any) -> Figure:
@@ -112,7 +114,8 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss (smoothed)")
-    for (name, lr), color in zip((suggestions or {}).items(), ("tab:red", "tab:green", "tab:purple")):
+    colors = ("tab:red", "tab:green", "tab:purple")
+    for (name, lr), color in zip((suggestions or {}).items(), colors):
         i = min(range(len(lrs)), key=lambda j: abs(math.log(lrs[j] / lr)))
         ax.plot([lr], [losses[i]], "o", color=color, label=f"{name}: {lr:.2e}")
     if suggestions:
@@ -120,7 +123,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
     return save_figure(fig, path)
 
 
-def plot_sched(values: dict[str, Sequence[float]], path: str | Path | None = None) -> Figure:
+def plot_sched(values: Mapping[str, Sequence[float]], path: str | Path | None = None) -> Figure:
     """One panel per hyper-parameter, its value at every training batch."""
     names = list(values)
     fig = new_figure(figsize=(4 * max(len(names), 1), 3))

@@ -6,7 +6,8 @@ reads an attribute or calls anything else that the file names.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

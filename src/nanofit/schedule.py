@@ -6,7 +6,7 @@ joins them into one function over the whole of training.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["Schedule", "sched_lin", "sched_cos", "sched_exp", "sched_no", "combine_scheds",
            "one_cycle_scheds", "flat_cos_scheds", "lr_range"]
@@ -47,12 +47,12 @@ def combine_scheds(pcts: Sequence[float], scheds: Sequence[Schedule]) -> Schedul
         total += p
         ends.append(total)
     ends[-1] = 1.0
-    pairs = [(start, end, s) for start, end, s in zip([0.0] + ends[:-1], ends, scheds) if end > start]
+    starts = [0.0] + ends[:-1]
+    pairs = [(start, end, s) for start, end, s in zip(starts, ends, scheds) if end > start]
 
     def combined(pos: float) -> float:
-        for start, end, sched in pairs:
-            if pos < end:
-                break
+        # the segment holding pos (the last one for pos >= 1)
+        start, end, sched = next((seg for seg in pairs if pos < seg[1]), pairs[-1])
         return sched(min(max((pos - start) / (end - start), 0.0), 1.0))
     return combined
 
@@ -71,7 +71,8 @@ def one_cycle_scheds(lr_max: float, div: float = 25.0, div_final: float = 1e5,
     return scheds
 
 
-def flat_cos_scheds(lr: float, div_final: float = 1e5, pct_start: float = 0.75) -> dict[str, Schedule]:
+def flat_cos_scheds(lr: float, div_final: float = 1e5,
+                    pct_start: float = 0.75) -> dict[str, Schedule]:
     """A flat lr for `pct_start` of training, then a cosine anneal to lr/div_final."""
     return {"lr": combine_scheds([pct_start, 1 - pct_start],
                                  [sched_no(lr, lr), sched_cos(lr, lr / div_final)])}

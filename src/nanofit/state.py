@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .torch_utils import preserved_rng
 
@@ -53,7 +54,7 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                 p.requires_grad_(flag)
                 p.grad = grad
             learn.opt = opt
-            if opt is not None:
+            if opt is not None and opt_state is not None:
                 opt.load_state_dict(opt_state)
             for cb, state in cb_states:
                 cb.load_state_dict(state)

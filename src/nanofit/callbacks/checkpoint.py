@@ -7,9 +7,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..callback import Callback, Order
 from ..checkpoint import SUFFIX, save_checkpoint
 from ..distributed import is_rank0
-from ..callback import Callback, Order
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -32,7 +32,8 @@ class CheckpointCB(Callback):
     def __init__(self, path: str | Path, every_n_batches: int | None = None,
                  every_epoch: bool = True, keep: int | None = 1) -> None:
         if every_n_batches is not None and every_n_batches < 1:
-            raise ValueError(f"CheckpointCB: every_n_batches must be >= 1 or None, got {every_n_batches}")
+            raise ValueError("CheckpointCB: every_n_batches must be >= 1 or None, got "
+                             f"{every_n_batches}")
         if keep is not None and keep < 1:
             raise ValueError(f"CheckpointCB: keep must be >= 1 or None (keep all), got {keep}")
         self.path = Path(path)
@@ -57,7 +58,8 @@ class CheckpointCB(Callback):
         self.interrupted = False
         # Files already there (an earlier run, or the run being resumed) count towards `keep`.
         existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
-        self.saved = [f for f in existing if f not in self.saved] + [f for f in self.saved if f.exists()]
+        kept = [f for f in self.saved if f.exists()]
+        self.saved = [f for f in existing if f not in self.saved] + kept
         if threading.current_thread() is threading.main_thread():
             self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
 
@@ -83,7 +85,8 @@ class CheckpointCB(Callback):
     def after_cancel_fit(self, learn: Learner) -> None:
         # Stopped at an epoch's end (early stopping): keep that epoch too. A cancel in the
         # middle of a batch (TerminateOnNaNCB) leaves the last good checkpoint as it is.
-        if self.every_epoch and learn.position.phase_done and (not learn.training or not learn.run_valid):
+        epoch_done = not learn.training or not learn.run_valid
+        if self.every_epoch and learn.position.phase_done and epoch_done:
             self.save(learn)
         self._stop_if_interrupted(learn)
 

@@ -1,12 +1,11 @@
 """Core callbacks: the explicit training steps, moving to a device, and a one-batch smoke test."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..callback import Callback, CancelFitException, Order
-
 from ..torch_utils import def_device, to_device
 
 if TYPE_CHECKING:

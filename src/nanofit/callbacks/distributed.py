@@ -11,9 +11,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from ..callback import Callback, Order
 from ..data import DataLoaders, TensorLoader, rebuild_loader
 from ..distributed import ShardedTensorLoader, ShardSampler, is_distributed, torchrun_env
-from ..callback import Callback, Order
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -88,12 +88,13 @@ class DDPCB(Callback):
             return ShardedTensorLoader(dl, self.rank, self.world, pad=train, seed=self.seed)
         if isinstance(dl, DataLoader) and dl.batch_size is not None and not isinstance(
                 dl.dataset, torch.utils.data.IterableDataset):
+            sampler: torch.utils.data.Sampler
             if train:
                 sampler = DistributedSampler(dl.dataset, self.world, self.rank,
                                              shuffle=isinstance(dl.sampler, RandomSampler),
                                              seed=self.seed)
             else:
-                sampler = ShardSampler(len(dl.dataset), self.rank, self.world)
+                sampler = ShardSampler(len(dl.dataset), self.rank, self.world)  # type: ignore[arg-type]
             return rebuild_loader(dl, sampler=sampler)
         raise TypeError(f"DDPCB cannot shard a {type(dl).__name__}: use a TensorLoader or a "
                         "torch DataLoader over a map-style dataset (or shard it yourself and "

@@ -7,11 +7,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..callback import Callback, Order
+from ..optim import HPOptimizer
 
 if TYPE_CHECKING:
     from ..learner import Learner
 
 __all__ = ["GradAccumCB", "GradClipCB"]
+
+
+def _opt(learn: Learner) -> HPOptimizer:
+    if learn.opt is None:
+        raise RuntimeError("GradAccumCB steps the optimizer, and the learner has none; pass "
+                           "opt_func= to Learner")
+    return learn.opt
 
 
 class GradAccumCB(Callback):
@@ -50,7 +58,7 @@ class GradAccumCB(Callback):
         self._stepped = False
         learn.accumulating = self.count < self.n_acc
         if scaler is not None and not learn.accumulating:
-            scaler.unscale_(learn.opt.opt)  # true gradients for clipping, once per step
+            scaler.unscale_(_opt(learn).opt)  # true gradients for clipping, once per step
 
     def step(self, learn: Learner) -> None:
         if self.count >= self.n_acc:
@@ -65,27 +73,27 @@ class GradAccumCB(Callback):
         scaler = learn.grad_scaler
         if scaler is not None:
             before = scaler.get_scale()
-            scaler.step(learn.opt.opt)
+            scaler.step(_opt(learn).opt)
             scaler.update()
             if scaler.get_scale() < before:
                 self.skipped += 1
                 warnings.warn("GradAccumCB: an optimizer step was skipped because of inf/NaN "
                               "gradients (fp16 overflow)")
         else:
-            learn.opt.step()
+            _opt(learn).step()
         self.count, self._stepped = 0, True
 
     def zero_grad(self, learn: Learner) -> None:
         if self._stepped:
-            learn.opt.zero_grad()
+            _opt(learn).zero_grad()
 
     def after_epoch(self, learn: Learner) -> None:
         if learn.training and self.count > 0:  # the epoch's leftover samples
             scaler = learn.grad_scaler
             if scaler is not None:
-                scaler.unscale_(learn.opt.opt)
+                scaler.unscale_(_opt(learn).opt)
             self._step(learn)
-            learn.opt.zero_grad()
+            _opt(learn).zero_grad()
         learn.accumulating = False
 
     def state_dict(self) -> dict[str, Any]:

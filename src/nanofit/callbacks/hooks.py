@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from ..callback import Callback, Order
 from ..hooks import Hook, Hooks, first_tensor, select_modules
 from ..plots import new_figure, save_figure
-from ..callback import Callback, Order
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -77,7 +79,8 @@ class ActivationStats(HooksCallback):
         if every < 1 or bins < 2:
             raise ValueError(f"ActivationStats needs every >= 1 and bins >= 2, got {every}, {bins}")
         super().__init__(self._record, mod_filter, on_train=True, on_valid=False, mods=mods)
-        self.every, self.bins, self.hist_range, self.sync_every = every, bins, hist_range, sync_every
+        self.every, self.bins, self.hist_range = every, bins, hist_range
+        self.sync_every = sync_every
         self.names: list[str] = []
         self._chunks: list[list[torch.Tensor]] = []
         self._pending: list[torch.Tensor] = []
@@ -86,6 +89,7 @@ class ActivationStats(HooksCallback):
 
     def before_fit(self, learn: Learner) -> None:
         super().before_fit(learn)
+        assert self.hooks is not None  # made by HooksCallback.before_fit
         names = {m: name for name, m in learn.model.named_modules()}
         self.names = [f"{names.get(h.module, '?')} ({type(h.module).__name__})" for h in self.hooks]
         self._index = {id(h.module): i for i, h in enumerate(self.hooks)}
@@ -156,7 +160,7 @@ class ActivationStats(HooksCallback):
         return [h[0] / h.sum(0).clamp(min=1) for h in self.hists()]
 
     # ---- plots --------------------------------------------------------------------------
-    def plot_stats(self, path: str | None = None):
+    def plot_stats(self, path: str | Path | None = None):
         """Means and standard deviations of each hooked module over training; a Figure."""
         fig = new_figure(figsize=(10, 4))
         ax_mean, ax_std = fig.subplots(1, 2)
@@ -181,7 +185,7 @@ class ActivationStats(HooksCallback):
         fig.suptitle(title)
         return fig, axes
 
-    def color_dim(self, path: str | None = None):
+    def color_dim(self, path: str | Path | None = None):
         """The 'colorful dimension' plot: each module's activation histogram over training
         (log scale), bins on the vertical axis, time on the horizontal; a Figure."""
         fig, axes = self._grid("histograms of |activations| over training")
@@ -192,7 +196,7 @@ class ActivationStats(HooksCallback):
         fig.tight_layout()
         return save_figure(fig, path)
 
-    def dead_chart(self, path: str | None = None):
+    def dead_chart(self, path: str | Path | None = None):
         """Fraction of each module's activations in the lowest bin over training; a Figure."""
         fig, axes = self._grid("fraction of activations near zero")
         for ax, name, frac in zip(axes, self.names, self.dead_fraction()):

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..distributed import is_rank0
 from ..callback import Callback, Order
+from ..distributed import is_rank0
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -65,9 +65,10 @@ class TensorBoardCB(Callback):
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
-            raise ImportError("TensorBoardCB needs the tensorboard package: pip install tensorboard")
+            raise ImportError("TensorBoardCB needs the tensorboard package: "
+                              "pip install tensorboard")
         self.log_dir = Path(log_dir)
-        self.writer = None
+        self.writer: Any = None  # a SummaryWriter on rank 0 during a fit
         self.step = 0
         self._losses: list[torch.Tensor] = []
 
@@ -98,7 +99,8 @@ class TensorBoardCB(Callback):
             self.writer.flush()
 
     def _histograms(self, learn: Learner) -> None:
-        stats = next((cb for cb in learn.cbs if hasattr(cb, "hists") and hasattr(cb, "names")), None)
+        stats = next((cb for cb in learn.cbs  # an ActivationStats, found by what it offers
+                      if hasattr(cb, "hists") and hasattr(cb, "names")), None)
         if stats is None:
             return
         lo, hi = stats.hist_range

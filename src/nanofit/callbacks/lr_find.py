@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..callback import Callback, CancelEpochException, CancelFitException, Order, runs_in
 from ..checks import check_fit_args
@@ -13,7 +15,8 @@ from ..state import preserve_state
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["lr_find", "LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep", "suggest_valley", "SUGGESTIONS"]
+__all__ = ["lr_find", "LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep",
+           "suggest_valley", "SUGGESTIONS"]
 
 
 def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -115,7 +118,8 @@ class LRFinderCB(Callback):
         """Suggested learning rates from the recorded curve, by method name."""
         unknown = [n for n in names if n not in SUGGESTIONS]
         if unknown:
-            raise ValueError(f"unknown lr_find suggestion {unknown}; choose from {list(SUGGESTIONS)}")
+            raise ValueError(f"unknown lr_find suggestion {unknown}; choose from "
+                             f"{list(SUGGESTIONS)}")
         # The curve up to where it diverges (the stop_div rule: not finite, or above 4x the
         # lowest loss so far): beyond that it says nothing about good rates.
         lrs, losses, lowest = [], [], math.inf
@@ -127,10 +131,11 @@ class LRFinderCB(Callback):
             lowest = min(lowest, loss)
         if len(lrs) < 2:
             raise ValueError(f"lr_find recorded {len(lrs)} usable losses, too few to suggest a "
-                             "learning rate; lower start_lr, raise num_it, or check the data and loss")
+                             "learning rate; lower start_lr, raise num_it, or check the data "
+                             "and loss")
         return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in names})
 
-    def plot(self, suggestions: SuggestedLRs | None = None, path: str | None = None):
+    def plot(self, suggestions: SuggestedLRs | None = None, path: str | Path | None = None):
         """Smoothed loss against lr (log axis) with the suggestions marked; returns the Figure."""
         marks = {} if suggestions is None else {k: v for k, v in suggestions._asdict().items()
                                                  if v is not None}

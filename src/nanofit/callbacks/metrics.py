@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from ..distributed import is_distributed
 from ..callback import Callback, Order
+from ..distributed import is_distributed
 from ..optim import hyper_access, supported_hypers
 from ..plots import plot_loss, plot_sched
 
@@ -89,7 +90,8 @@ class MetricsCB(Callback):
             if isinstance(m, type):
                 raise TypeError(f"MetricsCB got the class {m.__name__} for {name!r}; "
                                 f"pass an instance, e.g. {m.__name__}(...)")
-            missing = [a for a in ("update", "compute", "reset") if not callable(getattr(m, a, None))]
+            missing = [a for a in ("update", "compute", "reset")
+                       if not callable(getattr(m, a, None))]
             if missing:
                 raise TypeError(f"MetricsCB: metric {name!r} ({type(m).__name__}) has no "
                                 f"{', '.join(missing)} method; use a torchmetrics metric or an "
@@ -191,10 +193,13 @@ class MetricsCB(Callback):
         loss_sum, count = self._loss_sum, self._count
         if is_distributed():
             device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            total = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64, device=device)
+            total = torch.tensor([float(loss_sum), float(count)], dtype=torch.float64,
+                                 device=device)
             dist.all_reduce(total)
-            loss_sum, count = total[0].item(), total[1].item()
-        loss = loss_sum / count if count else float("nan")
+            loss_sum, n = total[0].item(), total[1].item()
+        else:
+            n = count
+        loss = loss_sum / n if n else float("nan")
         values = {"loss": _to_python(loss)}
         for name, m in self.metrics.items():
             values[name] = _to_python(m.compute())
@@ -214,14 +219,15 @@ class MetricsCB(Callback):
         """The latest records of `epoch` as one row, {'epoch', 'train_loss', ..., 'valid_loss',
         ...}: the format of the progress table, CSVLogger and TensorBoardCB."""
         row: dict[str, Any] = {"epoch": epoch}
-        latest = []
+        latest: list[dict[str, Any]] = []
         for record in reversed(self.history):  # this fit's phases of that epoch, not older ones
             if record["epoch"] != epoch or any(r["train"] == record["train"] for r in latest):
                 break
             latest.insert(0, record)
         for record in latest:
             prefix = "train" if record["train"] == "train" else "valid"
-            row.update({f"{prefix}_{k}": v for k, v in record.items() if k not in ("epoch", "train")})
+            row.update({f"{prefix}_{k}": v for k, v in record.items()
+                        if k not in ("epoch", "train")})
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -229,8 +235,9 @@ class MetricsCB(Callback):
         states and the batches not yet handed to the metrics. Saving does not flush, so a run
         that saved a checkpoint adds up its numbers in the same order as one that did not."""
         loss_sum = self._loss_sum
-        return {"history": copy.deepcopy(self.history),
-                "loss_sum": loss_sum.detach().clone() if isinstance(loss_sum, torch.Tensor) else loss_sum,
+        if isinstance(loss_sum, torch.Tensor):
+            loss_sum = loss_sum.detach().clone()
+        return {"history": copy.deepcopy(self.history), "loss_sum": loss_sum,
                 "count": self._count, "checked": self._checked,
                 "pending": {"preds": list(self._preds), "targs": list(self._targs),
                             "losses": list(self._losses), "ns": list(self._ns),
@@ -291,6 +298,7 @@ class Recorder(Callback):
         if not learn.training:
             return
         self._pending.append(learn.loss.detach())
+        assert learn.opt is not None  # training batches have one
         group = learn.opt.param_groups[-1]
         for values, get in self._getters:
             v = get(group)
@@ -325,12 +333,12 @@ class Recorder(Callback):
             self.hps.setdefault(name, [])[:] = values
         self._pending = []
 
-    def plot_loss(self, path: str | None = None, smooth: float | None = None):
+    def plot_loss(self, path: str | Path | None = None, smooth: float | None = None):
         """Training loss per batch (raw and smoothed) and validation loss per epoch; a Figure."""
         self._sync()
         return plot_loss(self.losses, self.valid_losses, smooth=smooth, path=path)
 
-    def plot_sched(self, path: str | None = None):
+    def plot_sched(self, path: str | Path | None = None):
         """Each recorded hyper-parameter per training batch; a Figure."""
         values = {k: [float(v) for v in vs] for k, vs in self.hps.items()}
         return plot_sched(values, path=path)

@@ -1,7 +1,7 @@
 """MixUp and CutMix: mix inputs and targets within a training batch."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,9 +62,11 @@ class MixedPrecision(Callback):
             learn.loss.backward()
             return
         self.scaler.scale(learn.loss).backward()
+        assert learn.opt is not None  # training batches have one
         self.scaler.unscale_(learn.opt.opt)  # true gradients for clipping and inspection
 
     def step(self, learn: Learner) -> None:
+        assert learn.opt is not None  # training batches have one
         if self.scaler is None:
             learn.opt.step()
             return
@@ -77,7 +80,8 @@ class MixedPrecision(Callback):
     def after_epoch(self, learn: Learner) -> None:
         if learn.training and self._epoch_skipped:
             warnings.warn(f"MixedPrecision: {self._epoch_skipped} optimizer step(s) in epoch "
-                          f"{learn.epoch} were skipped because of inf/NaN gradients (fp16 overflow)")
+                          f"{learn.epoch} were skipped because of inf/NaN gradients (fp16 "
+                          "overflow)")
             self._epoch_skipped = 0
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import functools
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -76,7 +77,7 @@ class CompileCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         self.original = learn.model
-        learn.model = torch.compile(learn.model, **self.kwargs)
+        learn.model = torch.compile(learn.model, **self.kwargs)  # type: ignore[assignment]
 
     def cleanup_fit(self, learn: Learner) -> None:
         if self.original is not None:

@@ -1,18 +1,20 @@
 """Hyper-parameter schedules during training: ParamScheduler, and torch's lr schedulers."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..callback import Callback, Order
 from ..optim import HPOptimizer, check_lr, hyper_access
-from ..schedule import (Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no)
+from ..schedule import Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no
 
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB", "fit_one_cycle", "fit_flat_cos", "fine_tune"]
+__all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB", "fit_one_cycle", "fit_flat_cos",
+           "fine_tune"]
 
 
 class ParamScheduler(Callback):
@@ -28,7 +30,8 @@ class ParamScheduler(Callback):
 
     def __init__(self, **scheds: Schedule | Sequence[Schedule]) -> None:
         if not scheds:
-            raise ValueError("ParamScheduler needs at least one schedule, e.g. lr=sched_cos(1e-2, 0)")
+            raise ValueError("ParamScheduler needs at least one schedule, e.g. "
+                             "lr=sched_cos(1e-2, 0)")
         for name, sched in scheds.items():
             funcs = sched if isinstance(sched, (list, tuple)) else [sched]
             if not all(callable(f) for f in funcs):
@@ -55,6 +58,7 @@ class ParamScheduler(Callback):
     def before_batch(self, learn: Learner) -> None:
         if not learn.training:
             return
+        assert learn.opt is not None  # checked at before_fit
         pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
         groups = learn.opt.param_groups
         for sched, put in self._plan:
@@ -62,7 +66,7 @@ class ParamScheduler(Callback):
                 for group, f in zip(groups, sched):
                     put(group, f(pos))
             else:
-                value = sched(pos)  # once, whatever the number of groups
+                value = sched(pos)  # type: ignore[operator]  # one schedule for every group
                 for group in groups:
                     put(group, value)
 
@@ -134,6 +138,7 @@ class EpochSchedCB(_TorchSchedCB):
             if learn.training:
                 self.scheduler.step()
             return
+        assert learn.metrics is not None  # checked at before_fit
         record = learn.metrics.history[-1]
         if record["train"] == "eval":
             if self.monitor not in record:
@@ -194,7 +199,8 @@ def _fit_scheduled(learn: Learner, n_epochs: int, scheds: dict[str, Any], wd: fl
 
 
 def fine_tune(learn: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
-              lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0, **kwargs: Any) -> None:
+              lr_mult: float = 100, pct_start: float = 0.3, div: float = 5.0,
+              **kwargs: Any) -> None:
     """`learn.fine_tune(epochs)`: fastai's transfer-learning recipe: the head alone (the
     last param group) for `freeze_epochs`, then everything for `epochs` with rates from
     base_lr/2/lr_mult (first group) to base_lr/2 (last), each by one-cycle."""

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from ..callback import Callback, CancelFitException, Order
 from ..checkpoint import FORMAT, VERSION, atomic_save
 from ..distributed import is_distributed, is_rank0, unwrap_model
-from ..callback import Callback, CancelFitException, Order
 from .schedule import EpochSchedCB
 
 if TYPE_CHECKING:

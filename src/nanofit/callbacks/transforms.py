@@ -1,9 +1,8 @@
 """BatchTransformCB: transforms applied to each batch on the device (Normalize, augmentations)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
-
-import torch
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..callback import Callback, Order
 
