@@ -75,7 +75,8 @@ def report(title: str, times: dict[str, list[float]], base: str, other: str) -> 
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name in (base, other):
         ts = times[name]
-        print(f"  {name:>15}: median {med[name]:7.1f} us/batch  (min {min(ts):.1f}, max {max(ts):.1f})")
+        print(f"  {name:>15}: median {med[name]:7.1f} us/batch  "
+              f"(min {min(ts):.1f}, max {max(ts):.1f})")
     pairwise = statistics.median(n / r for n, r in zip(times[other], times[base]))
     print(f"  ratio {other} / {base}: {med[other] / med[base]:.3f} "
           f"(median of per-repeat ratios {pairwise:.3f})")
@@ -95,7 +96,8 @@ def main() -> None:
     raw_opt = torch.optim.SGD(raw_model.parameters(), lr=0.1)
     sink = io.StringIO()  # not a terminal: ProgressCB prints one line per epoch, as in CI logs
     learn = Learner(make_model(1), DataLoaders(train, valid), F.cross_entropy, lr=0.1,
-                    cbs=[DeviceCB("cpu"), MetricsCB(accuracy=MulticlassAccuracy(10, average="micro")),
+                    cbs=[DeviceCB("cpu"),
+                         MetricsCB(accuracy=MulticlassAccuracy(10, average="micro")),
                          ProgressCB(file=sink)])
 
     bare_model = make_model(1)

@@ -16,8 +16,17 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from nanofit import (Callback, CancelFitException, CheckpointCB, DataLoaders, Learner, MetricsCB,
-                     ProgressCB, Recorder, TensorLoader)
+from nanofit import (
+    Callback,
+    CancelFitException,
+    CheckpointCB,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+    ProgressCB,
+    Recorder,
+    TensorLoader,
+)
 from nanofit.testing import assert_resumable, learner_state
 from tests.helpers import BatchCounter
 
@@ -29,7 +38,8 @@ def make_learner(loader="tensor", extra=()):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
     if loader == "tensor":
-        train = TensorLoader((x[:32], y[:32]), 8, shuffle=True, generator=torch.Generator().manual_seed(2))
+        train = TensorLoader((x[:32], y[:32]), 8, shuffle=True,
+                             generator=torch.Generator().manual_seed(2))
         valid = TensorLoader((x[32:], y[32:]), 4)
     else:
         ds = TensorDataset(x[:32], y[:32])
@@ -175,7 +185,8 @@ def test_truncated_corrupt_and_foreign_files_give_clear_errors(tmp_path):
     good = Path(learn.save(str(tmp_path / "good.pt")))
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*truncated.pt.*truncated or corrupt"):
+    with pytest.raises(ValueError,
+                       match=r"cannot read checkpoint .*truncated.pt.*truncated or corrupt"):
         learn.load(str(truncated))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all" * 10)
@@ -255,6 +266,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_to_the_same_weights(tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     script = tmp_path / "child.py"

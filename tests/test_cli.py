@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real subprocesses: deselect with -m 'not slow'
+
 
 def run(*args, cwd):
     return subprocess.run([sys.executable, "-m", "nanofit", *args], cwd=cwd, capture_output=True,
@@ -58,7 +60,8 @@ def test_bad_flags_give_one_line(args, capsys):
 def test_bad_flag_and_bad_out_folder_as_a_user_sees_them(tmp_path):
     result = run("demo", "--lr", "-1", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "nanofit demo: error: argument --lr: must be > 0, got '-1' (see --help)"
+    assert result.stderr.strip() == ("nanofit demo: error: argument --lr: must be > 0, "
+                                     "got '-1' (see --help)")
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = run("demo", "--out", str(blocker / "sub"), cwd=tmp_path)

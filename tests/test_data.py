@@ -16,7 +16,8 @@ def test_tensor_loader_covers_everything_in_order_without_shuffle():
 
 def test_tensor_loader_shuffles_every_pass_and_keeps_pairs():
     x, y = torch.arange(100).float()[:, None] * 2, torch.arange(100)
-    dl = TensorLoader((x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
+    dl = TensorLoader((x, y), batch_size=16, shuffle=True,
+                      generator=torch.Generator().manual_seed(0))
     orders = []
     for _ in range(2):
         xs, ys = zip(*dl)

@@ -44,7 +44,8 @@ SCRIPT = textwrap.dedent("""
     from nanofit import CheckpointCB, DDPCB, ProgressCB
     from nanofit.distributed import rank
     out, loader = sys.argv[1], sys.argv[2]
-    learn = make_learner(4, loader, cbs=[DDPCB(), ProgressCB(), CheckpointCB(f"{{out}}/ckpt_rank{{rank()}}")])
+    learn = make_learner(4, loader, cbs=[DDPCB(), ProgressCB(),
+                                         CheckpointCB(f"{{out}}/ckpt_rank{{rank()}}")])
     learn.fit(2)
     r = rank()
     torch.save(learn.model.state_dict(), f"{{out}}/weights_{{r}}.pt")
@@ -53,6 +54,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["tensor", "dataloader"])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, loader):
     script = tmp_path / "train.py"
@@ -91,9 +93,10 @@ def test_ddpcb_does_nothing_in_a_single_process():
     assert isinstance(learn.model, nn.Sequential)
 
 
+@pytest.mark.slow
 def test_demo_on_two_processes(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "nanofit", "demo", "--nproc", "2", "--epochs", "2",
-                             "--lr", "0.05", "--out", str(tmp_path / "out")],
+    result = subprocess.run([sys.executable, "-m", "nanofit", "demo", "--nproc", "2",
+                             "--epochs", "2", "--lr", "0.05", "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("validation accuracy") == 1  # rank 0 alone reports

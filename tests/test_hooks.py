@@ -10,7 +10,6 @@ from nanofit import Hook, Hooks, Learner, model_summary, resnet, simple_cnn
 from nanofit.hooks import select_modules
 
 
-
 def test_hook_calls_fn_and_removes():
     lin = nn.Linear(3, 2)
     calls = []
@@ -75,7 +74,8 @@ def test_learner_summary_leaves_model_and_rng_alone():
     y = torch.randint(0, 10, (32,))
     from nanofit import DataLoaders, TensorLoader
 
-    dls = DataLoaders(TensorLoader((x, y), 8, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    dls = DataLoaders(TensorLoader((x, y), 8, shuffle=True,
+                                   generator=torch.Generator().manual_seed(0)))
     model = resnet(1, 10, nfs=(4, 8))
     learn = Learner(model, dls, F.cross_entropy)
     running = model[0].convs[0][1].running_mean.clone()

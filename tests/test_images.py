@@ -10,7 +10,8 @@ from sklearn.datasets import load_digits
 
 from nanofit import BatchTransformCB, DataLoaders, ImageFolder, Learner, Normalize, show_images
 
-pytestmark = pytest.mark.filterwarnings("ignore:ImageFolder. skipping")  # the corrupt file, on purpose
+# the corrupt file, on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:ImageFolder. skipping")
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,10 @@ def test_split_by_folder_and_by_percentage(folder):
     assert all(f.relative_to(folder).parts[0] == "train" for f in train)
     assert all(f.relative_to(folder).parts[0] == "valid" for f in valid)
     assert dls.vocab == ["one", "two", "zero"] and dls.valid.dataset.vocab == dls.vocab
-    a = DataLoaders.from_folder(folder, valid_pct=0.25, seed=3, size=8, num_workers=0, skip_bad=True)
-    b = DataLoaders.from_folder(folder, valid_pct=0.25, seed=3, size=8, num_workers=0, skip_bad=True)
-    c = DataLoaders.from_folder(folder, valid_pct=0.25, seed=4, size=8, num_workers=0, skip_bad=True)
+    opts = dict(valid_pct=0.25, size=8, num_workers=0, skip_bad=True)
+    a = DataLoaders.from_folder(folder, seed=3, **opts)
+    b = DataLoaders.from_folder(folder, seed=3, **opts)
+    c = DataLoaders.from_folder(folder, seed=4, **opts)
     ta, va = set(a.train.dataset.files), set(a.valid.dataset.files)
     assert not ta & va and len(ta | va) == len(train) + len(valid)  # disjoint, complete
     assert len(va) == round(len(ta | va) * 0.25)
@@ -86,7 +88,8 @@ def test_normalisation_statistics_and_transform(folder):
     dls = DataLoaders.from_folder(folder, size=8, num_workers=0, skip_bad=True, bs=64)
     mean, std = dls.stats()
     xb = next(iter(dls.train))[0]
-    assert mean.shape == (3,) and torch.allclose(mean, xb.permute(1, 0, 2, 3).reshape(3, -1).mean(1))
+    assert mean.shape == (3,)
+    assert torch.allclose(mean, xb.permute(1, 0, 2, 3).reshape(3, -1).mean(1))
     assert torch.allclose(std, xb.permute(1, 0, 2, 3).reshape(3, -1).std(1))
     norm = Normalize.from_batch(xb)
     out = norm(xb)
@@ -114,6 +117,7 @@ def test_show_batch_and_results_write_pngs(folder, tmp_path):
     show_images(torch.rand(3, 1, 5, 5), path=tmp_path / "gray.png")
 
 
+@pytest.mark.slow
 def test_demo_trains_on_an_image_folder(folder, tmp_path):
     import shutil
 

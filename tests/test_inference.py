@@ -6,14 +6,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import (BatchTransformCB, DataLoaders, Learner, MetricsCB, Normalize, ProgressCB,
-                     TensorLoader, load_learner, simple_cnn)
+from nanofit import (
+    BatchTransformCB,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+    Normalize,
+    ProgressCB,
+    TensorLoader,
+    load_learner,
+    simple_cnn,
+)
 
 
 def image_learner():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(40, 1, 8, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
-    dls = DataLoaders(TensorLoader((x[:24], y[:24]), 8, shuffle=True), TensorLoader((x[24:], y[24:]), 5))
+    dls = DataLoaders(TensorLoader((x[:24], y[:24]), 8, shuffle=True),
+                      TensorLoader((x[24:], y[24:]), 5))
     torch.manual_seed(0)
     learn = Learner(simple_cnn(1, 3, nfs=(4, 8)), dls, F.cross_entropy, lr=0.1,
                     cbs=[BatchTransformCB(Normalize([0.5], [0.3])), MetricsCB(), ProgressCB()])

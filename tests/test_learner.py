@@ -8,10 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
-                     CancelFitException, DataLoaders, DeviceCB, Learner, MetricsCB,
-                     MomentumLearner, ProgressCB, Recorder, SingleBatchCB, TensorLoader, TrainCB,
-                     TrainLearner)
+from nanofit import (
+    EVENTS,
+    STEPS,
+    Callback,
+    CancelBatchException,
+    CancelEpochException,
+    CancelFitException,
+    DataLoaders,
+    DeviceCB,
+    Learner,
+    MetricsCB,
+    MomentumLearner,
+    ProgressCB,
+    Recorder,
+    SingleBatchCB,
+    TensorLoader,
+    TrainCB,
+    TrainLearner,
+)
 from tests.helpers import make_dls, make_model
 
 
@@ -99,8 +114,10 @@ def test_cancel_batch(where):
     seen, _ = recorded_fit(n_train=16, n_valid=8, bs=8, extra=[Cancel()])
     i = EVENTS.index(where)
     first = seen[seen.index("before_batch"):]
-    expected_first = [e for e in batch_events(True) if EVENTS.index(e) <= i and e != "cleanup_batch"]
-    assert first[: len(expected_first) + 2] == expected_first + ["after_cancel_batch", "cleanup_batch"]
+    expected_first = [e for e in batch_events(True)
+                      if EVENTS.index(e) <= i and e != "cleanup_batch"]
+    cancel_tail = ["after_cancel_batch", "cleanup_batch"]
+    assert first[: len(expected_first) + 2] == expected_first + cancel_tail
     assert seen.count("after_batch") == 2  # the cancelled batch's after_batch did not run
     assert seen.count("cleanup_batch") == 3
 

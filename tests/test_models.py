@@ -4,7 +4,6 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torchmetrics.classification import MulticlassAccuracy
 
 from nanofit import Learner, MetricsCB, ResBlock, conv, resnet, simple_cnn

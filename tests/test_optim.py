@@ -42,7 +42,8 @@ def test_per_group_values_and_reading_back():
 
 def test_unsupported_hyper_parameter_names_the_optimizer_and_what_it_has():
     opt = HPOptimizer(torch.optim.Adagrad(make_model().parameters(), lr=0.1))
-    with pytest.raises(AttributeError, match=r"Adagrad has no hyper-parameter 'mom'; it supports: lr, wd"):
+    with pytest.raises(AttributeError,
+                       match=r"Adagrad has no hyper-parameter 'mom'; it supports: lr, wd"):
         opt.mom = 0.9
     with pytest.raises(AttributeError, match="ASGD has no hyper-parameter 'beta'"):
         get_hyper(torch.optim.ASGD(make_model().parameters()), "beta")
@@ -90,7 +91,8 @@ def test_splitter_makes_groups_and_freezing_keeps_frozen_weights():
 
 
 def test_bad_splitter_is_reported():
-    learn = Learner(make_model(), make_dls(), F.cross_entropy, splitter=lambda m: [[], list(m.parameters())])
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    splitter=lambda m: [[], list(m.parameters())])
     with pytest.raises(ValueError, match=r"splitter returned 2 groups with sizes \[0, 4\]"):
         learn.fit(1)
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Callback", "CancelFitException", "CancelEpochException", "CancelBatchException",
-           "Order", "EVENTS", "STEPS", "STAGES", "check_callback", "note_origin", "where",
-           "as_cbs", "describe_loop", "describe_orders", "runs_in"]
+__all__ = ["CANCELS", "Callback", "CancelFitException", "CancelEpochException",
+           "CancelBatchException", "Order", "EVENTS", "STEPS", "STAGES", "check_callback",
+           "note_origin", "where", "as_cbs", "build_handlers", "describe_loop", "describe_orders",
+           "runs_in"]
 
 
 class CancelFitException(Exception):
@@ -40,6 +41,9 @@ STAGES = {
     for stage, exc in (("fit", CancelFitException), ("epoch", CancelEpochException),
                        ("batch", CancelBatchException))
 }
+
+# What raising steers the loop (anything else is an error).
+CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
 
 # Every event in the order a normal fit first reaches it.
 EVENTS = (
@@ -142,8 +146,9 @@ def as_cbs(cbs: Any) -> list[Any]:
     return list(cbs)
 
 
-def describe_loop(handlers: dict[str, tuple[Callable, ...]]) -> str:
-    """The training loop as text: each event, indented by stage, with what runs there."""
+def describe_loop(handlers: dict[str, tuple[Callable, ...]], cbs: Sequence[Any] = ()) -> str:
+    """The training loop as text: the callbacks `cbs` with their orders, then each event,
+    indented by stage, with what runs there."""
     indent = {"fit": 0, "epoch": 2, "batch": 4}
     lines = []
 
@@ -158,7 +163,7 @@ def describe_loop(handlers: dict[str, tuple[Callable, ...]]) -> str:
     for stage in ("batch", "epoch", "fit"):
         for event in STAGES[stage][2:]:
             add(event, indent[stage])
-    return "\n".join(lines)
+    return describe_orders(list(cbs)) + "\n" + "\n".join(lines)
 
 
 def describe_orders(cbs: list[Any]) -> str:
@@ -170,3 +175,21 @@ def describe_orders(cbs: list[Any]) -> str:
     rows = [f"  {cb.order:>6}  {'/'.join(names.get(cb.order, [])):<22}{type(cb).__name__}"
             for cb in sorted(cbs, key=lambda c: c.order)]
     return "callbacks (order, name):\n" + ("\n".join(rows) if rows else "  -")
+
+
+def build_handlers(cbs: list[Any], defaults: type) -> dict[str, tuple[Callable, ...]]:
+    """Each event's and step's handlers, ready for the loop: the callbacks' bound methods in
+    `order` (ties keep list order). A step is replaced as a method is overridden: the last
+    callback defining it wins, else `defaults` (the Learner's class) has it. A callback's
+    `wrap_handler(event, fn)` then wraps the handlers (ProfileCB, MixedPrecision); the lowest
+    order wraps outermost. Built when the callbacks change, so the loop walks plain tuples."""
+    ordered = sorted(cbs, key=lambda cb: cb.order)
+    handlers = {name: tuple(m for m in (getattr(cb, name, None) for cb in ordered) if callable(m))
+                for name in EVENTS + STEPS}
+    for name in STEPS:
+        handlers[name] = handlers[name][-1:] or (getattr(defaults, name),)
+    for cb in reversed(ordered):
+        wrap = getattr(cb, "wrap_handler", None)
+        if callable(wrap):
+            handlers = {e: tuple(wrap(e, fn) for fn in fns) for e, fns in handlers.items()}
+    return handlers

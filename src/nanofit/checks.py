@@ -17,7 +17,8 @@ ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelB
                   "in before_epoch); raise the exception of the stage you are in, or "
                   "CancelFitException")
 
-__all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe"]
+__all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe",
+           "note_loss_error"]
 
 
 def check_fit_args(learn: Learner, n_epochs: int, train: bool, valid: bool, lr: Any,
@@ -90,3 +91,11 @@ def describe(x: Any) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     return f"a {type(x).__name__}"
+
+
+def note_loss_error(e: BaseException, learn: Learner) -> None:
+    """Add to an error raised by `loss_func` what it got and the usual fix."""
+    targets = learn.batch[learn.n_inp:]
+    got = ", ".join(describe(t) for t in (learn.preds, *targets))
+    e.add_note(f"loss_func got {got} (epoch {learn.epoch}, batch {learn.iter})"
+               + loss_hint(learn.preds, targets))

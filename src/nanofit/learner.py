@@ -7,45 +7,31 @@ the conveniences at the end are one-line facades over the modules that implement
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inference
+from . import checkpoint, inference, optim, state
 from .callback import (
-    EVENTS,
+    CANCELS,
     STAGES,
-    STEPS,
-    CancelBatchException,
-    CancelEpochException,
-    CancelFitException,
     as_cbs,
+    build_handlers,
     check_callback,
     describe_loop,
-    describe_orders,
     note_origin,
 )
 from .callbacks import lr_find as finder
 from .callbacks import schedule as scheduling
 from .callbacks.lr_find import LRFinderCB
 from .callbacks.metrics import MetricsCB, Recorder
-from .checkpoint import (
-    LoopPosition,
-    load_checkpoint,
-    read_checkpoint,
-    read_for_resume,
-    save_checkpoint,
-)
-from .checks import ESCAPED_CANCEL, check_fit_args, describe, loss_hint
+from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error
 from .hooks import learner_summary
-from .optim import HPOptimizer, freeze_to, make_optimizer, param_groups, set_hyper
+from .optim import HPOptimizer, set_hyper
 
 __all__ = ["Learner"]
-
-CANCELS = (CancelFitException, CancelEpochException, CancelBatchException)
 
 
 class Learner:
@@ -77,7 +63,7 @@ class Learner:
         self.preds: Any = None
         self.loss: Any = None
         self.run_valid = False
-        self.position = LoopPosition()  # where the loop is, for checkpoints (checkpoint.py)
+        self.position = checkpoint.LoopPosition()  # where the loop is, for checkpoints
         # Shared by callbacks (see SHARED): MetricsCB, Recorder, MixedPrecision, GradAccumCB.
         self.metrics: MetricsCB | None = None
         self.recorder: Recorder | None = None
@@ -90,14 +76,14 @@ class Learner:
         self._handlers: dict[str, tuple[Callable, ...]] = {}
         for cb in as_cbs(cbs):
             self.add_cb(cb)
-        self._build_handlers()
+        self.refresh_cbs()
 
     # ---- callbacks ------------------------------------------------------------------------
     def add_cb(self, cb: Any) -> Learner:
         """Add a callback instance; it takes effect at once, even during a fit."""
         check_callback(cb)
         self.cbs.append(cb)
-        self._build_handlers()
+        self.refresh_cbs()
         return self
 
     def rm_cb(self, cb: Any) -> Learner:
@@ -106,37 +92,13 @@ class Learner:
             raise ValueError(f"rm_cb: {cb!r} is not among this learner's callbacks "
                              f"{[type(c).__name__ for c in self.cbs]}")
         self.cbs[:] = [c for c in self.cbs if c is not cb]
-        self._build_handlers()
+        self.refresh_cbs()
         return self
 
-    @contextmanager
-    def removed_cbs(self, cbs: Iterable[Any]) -> Iterator[Learner]:
-        """Run the block without `cbs`; then the callbacks, and the state they share, are back."""
-        saved, shared = list(self.cbs), {k: getattr(self, k) for k in self.SHARED}
-        self.cbs[:] = [c for c in saved if not any(c is r for r in cbs)]
-        self._build_handlers()
-        try:
-            yield self
-        finally:
-            self.cbs[:] = saved
-            for k, v in shared.items():
-                setattr(self, k, v)
-            self._build_handlers()
-
-    def _build_handlers(self) -> None:
-        # Sorted once here, so the loop only walks ready-made tuples of bound methods.
-        ordered = sorted(self.cbs, key=lambda cb: cb.order)  # stable: ties keep list order
-        handlers = {name: tuple(m for m in (getattr(cb, name, None) for cb in ordered)
-                                if callable(m)) for name in EVENTS + STEPS}
-        for name in STEPS:  # a step is replaced, as a method is overridden: the last one wins
-            handlers[name] = handlers[name][-1:] or (getattr(type(self), name),)
-        # A callback's `wrap_handler(event, fn)` wraps the others (ProfileCB, MixedPrecision);
-        # the lowest order wraps outermost.
-        for cb in reversed(ordered):
-            wrap = getattr(cb, "wrap_handler", None)
-            if callable(wrap):
-                handlers = {e: tuple(wrap(e, fn) for fn in fns) for e, fns in handlers.items()}
-        self._handlers = handlers
+    def refresh_cbs(self) -> None:
+        """Rebuild the tables the loop dispatches from (after changing `learn.cbs` by hand;
+        add_cb, rm_cb and fit do it themselves). Never per batch."""
+        self._handlers = build_handlers(self.cbs, type(self))
 
     def callback(self, event: str) -> None:
         """Run every callback's `event` method, in order, passing the learner."""
@@ -151,8 +113,8 @@ class Learner:
 
     def show_training_loop(self) -> None:
         """Print the callbacks with their orders, then, for each event, what runs there."""
-        self._build_handlers()
-        print(describe_orders(self.cbs) + "\n" + describe_loop(self._handlers))
+        self.refresh_cbs()
+        print(describe_loop(self._handlers, self.cbs))
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
@@ -166,10 +128,10 @@ class Learner:
         """
         extra = as_cbs(cbs)
         check_fit_args(self, n_epochs, train, valid, lr, extra)
-        ckpt = read_for_resume(resume, self, n_epochs) if resume is not None else None
+        ckpt = None if resume is None else checkpoint.read_for_resume(resume, self, n_epochs)
         self.cbs.extend(extra)
         try:
-            self._build_handlers()  # also picks up callbacks appended to learn.cbs directly
+            self.refresh_cbs()  # also picks up callbacks appended to learn.cbs directly
             if lr is not None:
                 self.lr = lr
             if train:
@@ -180,13 +142,13 @@ class Learner:
             self.accumulating = False
             self.position.start_fit()
             self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
-        except (CancelEpochException, CancelBatchException) as e:
+        except CANCELS as e:  # CancelFitException stops at the fit: this one escaped its stage
             e.add_note(ESCAPED_CANCEL.format(type(e).__name__))
             raise
         finally:
             self.position.end_fit()
             self.cbs[:] = [c for c in self.cbs if not any(c is cb for cb in extra)]
-            self._build_handlers()
+            self.refresh_cbs()
 
     def _do_fit(self, train: bool, valid: bool, ckpt: dict | None) -> None:
         first_epoch, first_batch, train_done = self.position.resume(self, ckpt)
@@ -263,13 +225,10 @@ class Learner:
 
     def get_loss(self) -> None:
         """loss = loss_func(preds, *targets), the targets being the rest of the batch."""
-        targets = self.batch[self.n_inp:]
         try:
-            self.loss = self.loss_func(self.preds, *targets)
+            self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
         except Exception as e:
-            got = ", ".join(describe(t) for t in (self.preds, *targets))
-            e.add_note(f"loss_func got {got} (epoch {self.epoch}, batch {self.iter})"
-                       + loss_hint(self.preds, targets))
+            note_loss_error(e, self)  # what it got, and the usual fix
             raise
 
     def backward(self) -> None:
@@ -303,45 +262,29 @@ class Learner:
     def opt(self, opt: Any) -> None:
         self._opt = None if opt is None else HPOptimizer(opt)
 
-    def create_opt(self) -> None:
-        """Make the optimizer: `opt_func(param_groups, lr=lr)`, one group per split."""
-        if self.opt_func is not None:
-            self.opt = make_optimizer(self.opt_func, self.model, self.splitter, self.lr)
-
     def _prepare_opt(self, lr: float | Sequence[float] | None) -> None:
         if self.opt is None:
             self.create_opt()
         elif lr is not None:
             set_hyper(self.opt, "lr", lr)
 
-    def splits(self) -> list[list[nn.Parameter]]:
-        """The parameter groups: `splitter(model)`, or one group of all parameters."""
-        return param_groups(self.model, self.splitter)
-
-    def freeze_to(self, n: int, train_bn: bool = True) -> None:
-        """Freeze the parameter groups before group `n` (negative counts from the end); with
-        `train_bn` (fastai's default) batchnorm layers stay trainable everywhere."""
-        freeze_to(self.model, self.splits(), n, train_bn)
-
-    def freeze(self, train_bn: bool = True) -> None:
-        """Freeze all parameter groups but the last (the head), as in fastai."""
-        self.freeze_to(-1, train_bn)
-
-    def unfreeze(self) -> None:
-        """Make every parameter group trainable."""
-        self.freeze_to(0, train_bn=True)
-
     # ---- checkpoints ----------------------------------------------------------------------------
     def save(self, path: str) -> str:
         """Save a checkpoint (atomically); inside a fit, from after_batch or after_epoch."""
-        return str(save_checkpoint(self, path))
+        return str(checkpoint.save_checkpoint(self, path))
 
     def load(self, path: str, with_opt: bool = True) -> Learner:
         """Load weights (and optimizer) from a checkpoint file or folder; fit(resume=) resumes."""
-        load_checkpoint(self, read_checkpoint(path), with_opt)
+        checkpoint.load_checkpoint(self, checkpoint.read_checkpoint(path), with_opt)
         return self
 
     # ---- conveniences: the functions that do the work, documented where they are defined ------
+    removed_cbs = state.removed_cbs
+    create_opt = optim.create_opt
+    splits = optim.splits
+    freeze_to = optim.freeze_to
+    freeze = optim.freeze
+    unfreeze = optim.unfreeze
     fit_one_cycle = scheduling.fit_one_cycle
     fit_flat_cos = scheduling.fit_flat_cos
     fine_tune = scheduling.fine_tune

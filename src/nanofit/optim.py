@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-__all__ = ["check_lr", "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer",
-           "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+if TYPE_CHECKING:
+    from .learner import Learner
+
+__all__ = ["check_lr", "freeze_groups", "create_opt", "splits", "freeze", "unfreeze", "freeze_to",
+           "param_groups", "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper",
+           "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -174,8 +178,8 @@ def check_lr(lr: Any, where_: str) -> None:
                          f"param group), got {lr!r}")
 
 
-def freeze_to(model: nn.Module, groups: list[list[nn.Parameter]], n: int,
-              train_bn: bool = True) -> None:
+def freeze_groups(model: nn.Module, groups: list[list[nn.Parameter]], n: int,
+                  train_bn: bool = True) -> None:
     """Make the parameter groups before group `n` untrainable and the rest trainable;
     with `train_bn`, batchnorm layers stay trainable everywhere."""
     trainable = set(range(len(groups))[n:])
@@ -214,3 +218,33 @@ def make_optimizer(opt_func: Callable, model: nn.Module, splitter: Callable | No
     if lrs:
         set_hyper(opt, "lr", lrs)
     return opt
+
+
+# ---- the learner's optimizer conveniences (Learner.create_opt, splits, freeze...) ----------------
+def create_opt(learn: Learner) -> None:
+    """`learn.create_opt()`: make `learn.opt` as `opt_func(params, lr=learn.lr)`, one param
+    group per split of `learn.splitter`; nothing when `opt_func` is None. The first training
+    fit calls it; `learn.opt = None` makes the next one build a new optimizer."""
+    if learn.opt_func is not None:
+        learn.opt = make_optimizer(learn.opt_func, learn.model, learn.splitter, learn.lr)
+
+
+def splits(learn: Learner) -> list[list[nn.Parameter]]:
+    """`learn.splits()`: the parameter groups, `splitter(model)` or one group of them all."""
+    return param_groups(learn.model, learn.splitter)
+
+
+def freeze_to(learn: Learner, n: int, train_bn: bool = True) -> None:
+    """`learn.freeze_to(n)`: freeze the parameter groups before group `n` (negative counts
+    from the end); with `train_bn` (fastai's default) batchnorm layers stay trainable."""
+    freeze_groups(learn.model, splits(learn), n, train_bn)
+
+
+def freeze(learn: Learner, train_bn: bool = True) -> None:
+    """`learn.freeze()`: freeze every parameter group but the last (the head), as fastai."""
+    freeze_to(learn, -1, train_bn)
+
+
+def unfreeze(learn: Learner) -> None:
+    """`learn.unfreeze()`: make every parameter group trainable."""
+    freeze_to(learn, 0, train_bn=True)

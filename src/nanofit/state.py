@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +11,24 @@ from .torch_utils import preserved_rng
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["preserve_state"]
+__all__ = ["preserve_state", "removed_cbs"]
+
+
+@contextmanager
+def removed_cbs(learn: Learner, cbs: Iterable[Any]) -> Iterator[Learner]:
+    """`with learn.removed_cbs(cbs):` runs the block without the callbacks `cbs` (e.g. the
+    ones that sit out a helper fit); then the callbacks, in their order, and the state they
+    share (`Learner.SHARED`: learn.metrics...) are back as they were."""
+    saved, shared = list(learn.cbs), {k: getattr(learn, k) for k in learn.SHARED}
+    learn.cbs[:] = [c for c in saved if not any(c is r for r in cbs)]
+    learn.refresh_cbs()
+    try:
+        yield learn
+    finally:
+        learn.cbs[:] = saved
+        for k, v in shared.items():
+            setattr(learn, k, v)
+        learn.refresh_cbs()
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 from collections import namedtuple
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
@@ -22,8 +21,10 @@ def test_to_device_and_to_cpu_recurse_into_containers():
     batch = {"a": (t, [t, 3]), "b": Pair(t, "s"), "c": None}
     moved = to_device(batch, "meta")
     assert moved["a"][0].device.type == "meta" and moved["a"][1][0].device.type == "meta"
-    assert moved["a"][1][1] == 3 and isinstance(moved["a"], tuple) and isinstance(moved["a"][1], list)
-    assert isinstance(moved["b"], Pair) and moved["b"].x.device.type == "meta" and moved["b"].y == "s"
+    assert (moved["a"][1][1] == 3 and isinstance(moved["a"], tuple)
+            and isinstance(moved["a"][1], list))
+    assert (isinstance(moved["b"], Pair) and moved["b"].x.device.type == "meta"
+            and moved["b"].y == "s")
     back = to_cpu(batch)
     assert not back["a"][0].requires_grad and back["b"].x.device.type == "cpu"
 

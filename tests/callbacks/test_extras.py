@@ -4,9 +4,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import (Callback, CutMix, DataLoaders, GradAccumCB, GradClipCB,
-                     Learner, MetricsCB, MixedPrecision, MixUp, TensorLoader, compose,
-                     random_crop, random_erase, random_flip)
+from nanofit import (
+    Callback,
+    CutMix,
+    DataLoaders,
+    GradAccumCB,
+    GradClipCB,
+    Learner,
+    MetricsCB,
+    MixedPrecision,
+    MixUp,
+    TensorLoader,
+    compose,
+    random_crop,
+    random_erase,
+    random_flip,
+)
 from tests.helpers import make_dls, make_model
 
 
@@ -24,7 +37,8 @@ def test_bf16_mixed_precision_on_cpu_trains():
     learn.fit(6)
     losses = [r["loss"] for r in learn.metrics.history if r["train"] == "train"]
     assert losses[-1] < losses[0]
-    assert dtypes[0] == torch.bfloat16 and all(p.dtype == torch.float32 for p in learn.model.parameters())
+    assert dtypes[0] == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in learn.model.parameters())
 
 
 def accum_weights(bs, cbs, n=32):

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import (ActivationStats, Callback, CancelFitException, DataLoaders, HooksCallback,
-                     Learner, SingleBatchCB, TensorLoader)
+from nanofit import (
+    ActivationStats,
+    Callback,
+    CancelFitException,
+    DataLoaders,
+    HooksCallback,
+    Learner,
+    SingleBatchCB,
+    TensorLoader,
+)
 from tests.helpers import make_dls
 
 

@@ -6,8 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofit import (ActivationStats, CheckpointCB, CompileCB, CSVLogger, Learner, MetricsCB,
-                     ProfileCB, ProgressCB, TensorBoardCB)
+from nanofit import (
+    ActivationStats,
+    CheckpointCB,
+    CompileCB,
+    CSVLogger,
+    Learner,
+    MetricsCB,
+    ProfileCB,
+    ProgressCB,
+    TensorBoardCB,
+)
 from tests.helpers import make_dls, make_model
 
 

@@ -10,8 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import (Callback, DataLoaders, Learner, MetricsCB, ParamScheduler, ProgressCB,
-                     Recorder, TensorLoader, sched_no)
+from nanofit import (
+    Callback,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+    ParamScheduler,
+    ProgressCB,
+    Recorder,
+    TensorLoader,
+    sched_no,
+)
 from nanofit.callbacks.lr_find import suggest_minimum, suggest_steep, suggest_valley
 from tests.helpers import BatchCounter
 
@@ -25,7 +34,8 @@ def bn_dropout_model(seed=0):
 def shuffled_dls(seed=0, n=64, bs=8):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-    return DataLoaders(TensorLoader((x, y), bs, shuffle=True, generator=torch.Generator().manual_seed(1)),
+    shuffle_gen = torch.Generator().manual_seed(1)
+    return DataLoaders(TensorLoader((x, y), bs, shuffle=True, generator=shuffle_gen),
                        TensorLoader((x[:16], y[:16]), bs))
 
 
@@ -129,7 +139,8 @@ def test_lr_find_returns_suggestions_and_saves_the_plot(tmp_path):
     s = learn.lr_find(num_it=40, suggest=("valley", "minimum", "steep"), plot_path=str(path))
     finder = learn.lr_finder
     assert s.minimum == pytest.approx(finder.lrs[finder.losses.index(min(finder.losses))] / 10)
-    assert finder.lrs[0] <= s.valley <= finder.lrs[-1] and finder.lrs[0] <= s.steep <= finder.lrs[-1]
+    assert finder.lrs[0] <= s.valley <= finder.lrs[-1]
+    assert finder.lrs[0] <= s.steep <= finder.lrs[-1]
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert learn.lr_find(num_it=10, plot=False).minimum is None
     with pytest.raises(ValueError, match="unknown lr_find suggestion"):
@@ -192,7 +203,8 @@ def torch_dataloader_learner(workers=0, seed=0):
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
     ds = TensorDataset(x, y)
-    train = DataLoader(ds, batch_size=8, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(2)),
+    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(2))
+    train = DataLoader(ds, batch_size=8, sampler=sampler,
                        num_workers=workers, persistent_workers=workers > 0)
     torch.manual_seed(seed)
     return Learner(WithBuffer(), DataLoaders(train, DataLoader(ds, batch_size=16)), F.cross_entropy,
@@ -208,7 +220,8 @@ def test_no_trace_with_adam_state_sampler_splitter_buffers_and_dtype(tmp_path):
     before = {k: v.clone() for k, v in learn.model.state_dict().items()}
     forwards = learn.model.forwards.clone()
     dtypes = {p.dtype for p in learn.model.parameters()}
-    opt_state = {i: {k: v.clone() for k, v in s.items()} for i, s in learn.opt.state_dict()["state"].items()}
+    opt_state = {i: {k: v.clone() for k, v in s.items()}
+                 for i, s in learn.opt.state_dict()["state"].items()}
     flags = [p.requires_grad for p in learn.model.parameters()]
     gen_state, rng = sampler_gen.get_state(), torch.random.get_rng_state()
     learn.lr_find(num_it=12, plot=False, suggest=("valley",))
@@ -218,10 +231,12 @@ def test_no_trace_with_adam_state_sampler_splitter_buffers_and_dtype(tmp_path):
     assert {p.dtype for p in learn.model.parameters()} == dtypes
     assert torch.equal(forwards, learn.model.forwards)  # a non-persistent buffer
     new_state = learn.opt.state_dict()["state"]
-    assert all(torch.equal(opt_state[i][k], new_state[i][k]) for i in opt_state for k in opt_state[i])
+    assert all(torch.equal(opt_state[i][k], new_state[i][k])
+               for i in opt_state for k in opt_state[i])
     assert learn.opt.lr == [1e-3, 1e-2]
     assert [p.requires_grad for p in learn.model.parameters()] == flags
-    assert torch.equal(gen_state, sampler_gen.get_state()) and torch.equal(rng, torch.random.get_rng_state())
+    assert torch.equal(gen_state, sampler_gen.get_state())
+    assert torch.equal(rng, torch.random.get_rng_state())
 
 
 def test_no_trace_when_a_callback_changes_the_dtype():

@@ -6,7 +6,15 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.regression import MeanAbsoluteError
 
-from nanofit import Callback, CancelEpochException, DataLoaders, Learner, MetricsCB, Recorder, TensorLoader
+from nanofit import (
+    Callback,
+    CancelEpochException,
+    DataLoaders,
+    Learner,
+    MetricsCB,
+    Recorder,
+    TensorLoader,
+)
 from tests.helpers import make_model
 
 
@@ -120,7 +128,8 @@ def test_recorder_keeps_every_training_batch_loss_and_lr(tmp_path):
     assert rec.losses == pytest.approx([loss for loss, _ in per_batch.rows])
     assert rec.lrs == [0.25] * 9
     assert [x for x, _ in rec.valid_losses] == [3, 6, 9]
-    assert [v for _, v in rec.valid_losses] == [r["loss"] for r in metrics.history if r["train"] == "eval"]
+    eval_losses = [r["loss"] for r in metrics.history if r["train"] == "eval"]
+    assert [v for _, v in rec.valid_losses] == eval_losses
     fig = rec.plot_loss(path=tmp_path / "plots" / "loss.png")
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 1000
     assert len(fig.axes[0].lines) == 3

@@ -15,7 +15,8 @@ class FakeTerminal(io.StringIO):
 
 def test_not_a_terminal_prints_one_clean_line_per_epoch():
     out = io.StringIO()
-    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(), ProgressCB(file=out)])
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MetricsCB(), ProgressCB(file=out)])
     learn.fit(3)
     text = out.getvalue()
     assert "\r" not in text and "\x1b" not in text
@@ -32,7 +33,8 @@ def test_not_a_terminal_prints_one_clean_line_per_epoch():
 
 def test_rows_with_training_only():
     out = io.StringIO()
-    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(), ProgressCB(file=out)])
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MetricsCB(), ProgressCB(file=out)])
     learn.fit(2, valid=False)
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["epoch", "train_loss", "time"] and len(lines) == 3

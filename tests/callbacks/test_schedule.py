@@ -6,8 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofit import (BatchSchedCB, Callback, EpochSchedCB, Learner, ParamScheduler, Recorder,
-                     sched_lin)
+from nanofit import (
+    BatchSchedCB,
+    Callback,
+    EpochSchedCB,
+    Learner,
+    ParamScheduler,
+    Recorder,
+    sched_lin,
+)
 from tests.helpers import make_dls, make_model
 
 
@@ -34,7 +41,10 @@ def one_cycle_lr(pos, lr_max, div=25.0, div_final=1e5, pct=0.25):
 
 
 def one_cycle_mom(pos, moms=(0.95, 0.85, 0.95), pct=0.25):
-    a, b, p = (moms[0], moms[1], pos / pct) if pos < pct else (moms[1], moms[2], (pos - pct) / (1 - pct))
+    if pos < pct:
+        a, b, p = moms[0], moms[1], pos / pct
+    else:
+        a, b, p = moms[1], moms[2], (pos - pct) / (1 - pct)
     return a + (b - a) * (1 - math.cos(math.pi * p)) / 2
 
 
@@ -58,7 +68,8 @@ def test_one_cycle_lr_and_momentum_follow_the_formulas():
 def test_one_cycle_per_param_group_and_weight_decay():
     split = lambda m: [list(m[0].parameters()), list(m[2].parameters())]  # noqa: E731
     watch = GroupLRs()
-    learn = Learner(make_model(), make_dls(n_train=32), F.cross_entropy, splitter=split, cbs=[watch])
+    learn = Learner(make_model(), make_dls(n_train=32), F.cross_entropy, splitter=split,
+                    cbs=[watch])
     learn.fit_one_cycle(1, lr_max=[0.01, 0.1], wd=0.05)
     first, peak = watch.rows[0][1], watch.rows[1][1]  # pos 0 and 0.25 (4 batches)
     assert first == pytest.approx([0.01 / 25, 0.1 / 25])
@@ -93,12 +104,13 @@ def test_param_scheduler_validates_its_schedules():
 def test_torch_scheduler_per_batch_and_per_epoch():
     watch = GroupLRs()
     learn = Learner(make_model(), make_dls(n_train=32, bs=8), F.cross_entropy, lr=1.0, cbs=[watch])
-    learn.fit(2, cbs=[BatchSchedCB(partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))])
+    step_lr = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    learn.fit(2, cbs=[BatchSchedCB(step_lr)])
     train_lrs = [r[1][0] for r in watch.rows if r[0]]
     assert train_lrs == pytest.approx([0.5 ** (k + 1) for k in range(8)])  # read after stepping
     rec = Recorder("lr")
     learn = Learner(make_model(), make_dls(n_train=32, bs=8), F.cross_entropy, lr=1.0, cbs=[rec])
-    learn.fit(1, cbs=[BatchSchedCB(partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5))])
+    learn.fit(1, cbs=[BatchSchedCB(step_lr)])
     assert rec.lrs == pytest.approx([1.0, 0.5, 0.25, 0.125])  # the rate each step used
 
     for make_sched in ("factory", "instance"):
@@ -150,7 +162,8 @@ def test_reduce_lr_on_plateau_steps_on_the_validation_metric():
     watch = GroupLRs()
     learn = Learner(make_model(), make_dls(n_train=16, bs=8), F.cross_entropy, lr=1.0,
                     cbs=[watch, MetricsCB(worse=Worse())])
-    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", patience=0, factor=0.5)
+    plateau = partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", patience=0,
+                      factor=0.5)
     learn.fit(3, cbs=[EpochSchedCB(plateau, monitor="worse")])
     per_epoch = [r[1][0] for r in watch.rows if r[0]][::2]
     assert per_epoch == pytest.approx([1.0, 1.0, 0.5])  # epoch 0 sets the best, epoch 1 is worse

@@ -6,8 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanofit import (Callback, CheckpointCB, EarlyStoppingCB, Learner, MetricsCB,
-                     ReduceLROnPlateauCB, SaveBestCB, TerminateOnNaNCB)
+from nanofit import (
+    Callback,
+    CheckpointCB,
+    EarlyStoppingCB,
+    Learner,
+    MetricsCB,
+    ReduceLROnPlateauCB,
+    SaveBestCB,
+    TerminateOnNaNCB,
+)
 from tests.helpers import make_dls, make_model
 
 
@@ -54,7 +62,8 @@ def test_early_stopping_stops_at_the_right_epoch(capsys):
 def test_early_stopping_min_delta_and_lower_is_better():
     metric = Scripted([1.0, 0.95, 0.94, 0.5, 0.4, 0.3])
     stop = EarlyStoppingCB("my_loss", min_delta=0.1, patience=2)
-    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(my_loss=metric), stop])
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MetricsCB(my_loss=metric), stop])
     learn.fit(6)
     assert stop.stopped_epoch == 2  # 0.95 and 0.94 are not 0.1 better than 1.0
 
@@ -85,7 +94,8 @@ def test_save_best_reloads_the_best_weights(tmp_path):
 def test_reduce_lr_on_plateau():
     metric = Scripted([1.0, 0.5, 0.6, 0.7, 0.4, 0.45])
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=1.0,
-                    cbs=[MetricsCB(error=metric), ReduceLROnPlateauCB("error", patience=2, factor=0.1)])
+                    cbs=[MetricsCB(error=metric),
+                         ReduceLROnPlateauCB("error", patience=2, factor=0.1)])
     lrs = []
 
     class Watch(Callback):
