@@ -28,7 +28,7 @@ from .torch_utils import get_rng_state, loader_generators, set_rng_state
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["LoopPosition", "save_checkpoint", "read_checkpoint", "load_checkpoint",
+__all__ = ["LoopPosition", "save", "load", "save_checkpoint", "read_checkpoint", "load_checkpoint",
            "newest_checkpoint", "read_for_resume", "atomic_save", "capture_rng", "restore_rng"]
 
 FORMAT = "nanofit.checkpoint"
@@ -126,6 +126,20 @@ def save_checkpoint(learn: Learner, path: str | Path) -> Path:
         "callbacks": {key: cb.state_dict() for key, cb in _cb_keys(learn.cbs)},
     }
     return atomic_save(ckpt, path)
+
+
+def save(learn: Learner, path: str | Path) -> str:
+    """`learn.save(path)`: write a checkpoint (atomically) that `learn.load` and
+    `fit(resume=path)` read. Inside a fit, call it from after_batch, before_epoch or
+    after_epoch (the loop position is exact there). Returns the path."""
+    return str(save_checkpoint(learn, path))
+
+
+def load(learn: Learner, path: str | Path, with_opt: bool = True) -> Learner:
+    """`learn.load(path)`: the weights (and, with `with_opt`, the optimizer) from a checkpoint
+    file, or the newest in a folder; `fit(resume=path)` also continues the run."""
+    load_checkpoint(learn, read_checkpoint(path), with_opt)
+    return learn
 
 
 def newest_checkpoint(folder: str | Path) -> Path:

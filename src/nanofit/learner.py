@@ -268,18 +268,10 @@ class Learner:
         elif lr is not None:
             set_hyper(self.opt, "lr", lr)
 
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, path: str) -> str:
-        """Save a checkpoint (atomically); inside a fit, from after_batch or after_epoch."""
-        return str(checkpoint.save_checkpoint(self, path))
-
-    def load(self, path: str, with_opt: bool = True) -> Learner:
-        """Load weights (and optimizer) from a checkpoint file or folder; fit(resume=) resumes."""
-        checkpoint.load_checkpoint(self, checkpoint.read_checkpoint(path), with_opt)
-        return self
-
     # ---- conveniences: the functions that do the work, documented where they are defined ------
     removed_cbs = state.removed_cbs
+    save = checkpoint.save
+    load = checkpoint.load
     create_opt = optim.create_opt
     splits = optim.splits
     freeze_to = optim.freeze_to
