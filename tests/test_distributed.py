@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from nanofit import DataLoaders, Learner, MetricsCB, TensorLoader
+from nanofit import DDPCB, DataLoaders, Learner, MetricsCB, TensorLoader
+from tests.helpers import make_dls, make_model
 
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -101,3 +102,11 @@ def test_demo_on_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("validation accuracy") == 1  # rank 0 alone reports
     assert (tmp_path / "out" / "loss.png").exists()
+
+
+def test_ddpcb_backend_is_checked_and_does_nothing_in_one_process():
+    with pytest.raises(ValueError, match="backend must be None"):
+        DDPCB(backend="ncl")
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[DDPCB(backend="gloo")])
+    learn.fit(1)  # no torchrun, no process group: the same script runs in one process
+    assert not isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)

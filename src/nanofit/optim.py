@@ -18,9 +18,9 @@ from torch import nn
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["check_lr", "freeze_groups", "create_opt", "splits", "freeze", "unfreeze", "freeze_to",
-           "param_groups", "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper",
-           "supported_hypers", "hyper_access"]
+__all__ = ["StepCount", "check_lr", "freeze_groups", "create_opt", "splits", "freeze", "unfreeze",
+           "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper",
+           "set_hyper", "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -167,6 +167,22 @@ class HPOptimizer:
     def __repr__(self) -> str:
         values = ", ".join(f"{n}={get_hyper(self, n)}" for n in self.hypers)
         return f"HPOptimizer({type(self.opt).__name__}: {values})"
+
+
+class StepCount:
+    """Counts the steps `opt` really takes (a torch step post-hook), so steps that a
+    GradScaler skips (inf/NaN gradients) are counted without reading a value from the GPU."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.n = 0
+        self._handle = opt.register_step_post_hook(self._count)
+
+    def _count(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self.n += 1
+
+    def remove(self) -> None:
+        """Stop counting."""
+        self._handle.remove()
 
 
 def check_lr(lr: Any, where_: str) -> None:

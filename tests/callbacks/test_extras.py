@@ -92,6 +92,11 @@ def test_accumulation_clips_the_summed_gradient_at_the_step():
     acc = accum_weights(4, [GradAccumCB(16), GradClipCB(0.01)])
     for a, b in zip(big.model.parameters(), acc.model.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+    # 36 samples: the epoch's last, smaller step (4 samples) is clipped as a last batch would be
+    big = accum_weights(16, [GradClipCB(0.01)], n=36)
+    acc = accum_weights(4, [GradAccumCB(16), GradClipCB(0.01)], n=36)
+    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_precision_accumulation_clipping_and_mixup_together():

@@ -34,22 +34,26 @@ def _leave() -> None:
 class DDPCB(Callback):
     """Trains on every process of a torch.distributed group with DistributedDataParallel.
 
-    At `before_fit`: joins the process group (initialising it from torchrun's environment
-    if needed: nccl with CUDA, gloo on CPU), puts the model on this process's device and wraps
-    it in DDP, and gives each rank its shard of the loaders (DistributedSampler for torch
-    DataLoaders, index sharding for TensorLoader; the training shard is padded so every rank
-    runs the same number of batches, the validation shard is not, so no sample counts twice).
-    Each rank's batch_size is per process: the global batch is batch_size * world_size.
-    `cleanup_fit` un-wraps the model and restores the loaders. Only rank 0 shows progress and
-    writes files; MetricsCB reduces its values over all ranks. Without a process group (a
-    single process) it does nothing.
+    At `before_fit`: joins the process group (initialising it from torchrun's environment if
+    needed, with `backend`: by default nccl with CUDA, gloo on CPU), puts the model on this
+    process's device and wraps it in DDP, and gives each rank its shard of the loaders
+    (DistributedSampler for torch DataLoaders, index sharding for TensorLoader; the training
+    shard is padded so every rank runs the same number of batches, the validation shard is not,
+    so no sample counts twice). Each rank's batch_size is per process: the global batch is
+    batch_size * world_size. `cleanup_fit` un-wraps the model and restores the loaders. Only
+    rank 0 shows progress and writes files; MetricsCB reduces its values over all ranks. Without
+    a process group (a single process) it does nothing.
     """
 
     order = Order.DISTRIBUTED
     main_fit_only = True
 
     def __init__(self, seed: int = 0, find_unused_parameters: bool = False,
-                 timeout_s: float = 600.0) -> None:
+                 timeout_s: float = 600.0, backend: str | None = None) -> None:
+        if backend not in (None, "nccl", "gloo", "mpi", "ucc", "xccl"):
+            raise ValueError(f"DDPCB: backend must be None (nccl with CUDA, else gloo) or a "
+                             f"torch.distributed backend name such as 'gloo', got {backend!r}")
+        self.backend = backend
         self.seed = seed
         self.find_unused_parameters = find_unused_parameters
         self.timeout_s = timeout_s
@@ -57,7 +61,9 @@ class DDPCB(Callback):
 
     def _join(self) -> None:
         if dist.is_available() and not dist.is_initialized() and torchrun_env():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":  # each process on its own GPU before the group exists
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend, timeout=timedelta(seconds=self.timeout_s))
             atexit.register(_leave)  # we made the group: close it cleanly when Python exits
 

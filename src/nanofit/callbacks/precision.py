@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..callback import Callback, Order
+from ..optim import StepCount
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -21,8 +22,9 @@ class MixedPrecision(Callback):
     callback (MixUp, TrainCB...) or Learner subclass runs them.
 
     With fp16 the gradients are unscaled right after backward, so GradClipCB and anything else
-    at `after_backward` sees true gradients; steps skipped because of inf/NaN gradients are
-    counted in `skipped` and reported at the end of each epoch.
+    at `after_backward` sees true gradients. Steps the scaler skips (inf/NaN gradients) are
+    counted in `skipped`, without a host sync beyond the scaler's own, and reported at the end
+    of each epoch. A batch cancelled after backward ends the scaler's step cleanly.
     """
 
     order = Order.PRECISION
@@ -31,6 +33,8 @@ class MixedPrecision(Callback):
         self.dtype = dtype
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped = 0
+        self._steps: StepCount | None = None
+        self._unscaled = False  # unscale_ ran for a step that has not been taken yet
 
     def before_fit(self, learn: Learner) -> None:
         param = next(learn.model.parameters())
@@ -41,10 +45,15 @@ class MixedPrecision(Callback):
         if use_scaler and self.scaler is None:
             self.scaler = torch.amp.GradScaler("cuda")
         learn.grad_scaler = self.scaler  # for callbacks that replace backward/step (GradAccumCB)
-        self._epoch_skipped = 0
+        if self.scaler is not None and learn.opt is not None:
+            self._steps = StepCount(learn.opt.opt)
+        self._epoch_skipped, self._unscaled = 0, False
 
     def cleanup_fit(self, learn: Learner) -> None:
-        learn.grad_scaler = None
+        self._end_scaler_step()  # a fit stopped between backward and step
+        if self._steps is not None:
+            self._steps.remove()
+            self._steps = None
 
     def wrap_handler(self, event: str, fn: Callable[[Learner], None]) -> Callable[[Learner], None]:
         """The forward steps (predict, get_loss) run inside autocast; the rest as they are."""
@@ -64,18 +73,30 @@ class MixedPrecision(Callback):
         self.scaler.scale(learn.loss).backward()
         assert learn.opt is not None  # training batches have one
         self.scaler.unscale_(learn.opt.opt)  # true gradients for clipping and inspection
+        self._unscaled = True
 
     def step(self, learn: Learner) -> None:
         assert learn.opt is not None  # training batches have one
-        if self.scaler is None:
+        if self.scaler is None or self._steps is None:
             learn.opt.step()
             return
-        before = self.scaler.get_scale()
+        taken = self._steps.n
         self.scaler.step(learn.opt.opt)
         self.scaler.update()
-        if self.scaler.get_scale() < before:  # the scaler skipped this step: inf/NaN grads
+        self._unscaled = False
+        if self._steps.n == taken:  # the scaler skipped this step: inf/NaN gradients
             self.skipped += 1
             self._epoch_skipped += 1
+
+    def after_cancel_batch(self, learn: Learner) -> None:
+        self._end_scaler_step()
+
+    def _end_scaler_step(self) -> None:
+        """A batch was cancelled after unscale_ and before the step: close the scaler's
+        iteration (update), or its next unscale_ would fail."""
+        if self._unscaled and self.scaler is not None:
+            self.scaler.update()
+        self._unscaled = False
 
     def after_epoch(self, learn: Learner) -> None:
         if learn.training and self._epoch_skipped:
