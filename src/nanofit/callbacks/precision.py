@@ -51,6 +51,7 @@ class MixedPrecision(Callback):
 
     def cleanup_fit(self, learn: Learner) -> None:
         self._end_scaler_step()  # a fit stopped between backward and step
+        learn.grad_scaler = None
         if self._steps is not None:
             self._steps.remove()
             self._steps = None
