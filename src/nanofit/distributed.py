@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from .data import TensorLoader
 
@@ -53,8 +54,6 @@ def torchrun_env() -> bool:
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel (or similar `.module`) wrapper."""
-    from torch.nn.parallel import DistributedDataParallel
-
     if isinstance(model, DistributedDataParallel):
         model = model.module
     return getattr(model, "_orig_mod", model)  # torch.compile's OptimizedModule

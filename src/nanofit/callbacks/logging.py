@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,8 +63,6 @@ class TensorBoardCB(Callback):
     main_fit_only = True
 
     def __init__(self, log_dir: str | Path = "runs") -> None:
-        import importlib.util
-
         if importlib.util.find_spec("tensorboard") is None:
             raise ImportError("TensorBoardCB needs the tensorboard package: "
                               "pip install tensorboard")

@@ -6,6 +6,8 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
 
+from tqdm import tqdm
+
 from ..callback import Callback, Order
 from ..distributed import is_rank0
 from ..plots import in_notebook, plot_history
@@ -115,10 +117,10 @@ class ProgressCB(Callback):
 
     # ---- output -----------------------------------------------------------------------------
     def _tqdm(self, **kw: Any):
-        if self.mode == "notebook":
-            from tqdm.auto import tqdm
-        else:
-            from tqdm import tqdm
+        if self.mode == "notebook":  # the notebook bar needs ipywidgets: only import it there
+            from tqdm.auto import tqdm as notebook_tqdm
+
+            return notebook_tqdm(file=self.out, dynamic_ncols=True, **kw)
         return tqdm(file=self.out, dynamic_ncols=True, **kw)
 
     def _finish_row(self, learn: Learner) -> None:
@@ -148,8 +150,6 @@ class ProgressCB(Callback):
         if self.mode == "plain":
             print(line, file=self.out, flush=True)
         else:
-            from tqdm import tqdm
-
             tqdm.write(line, file=self.out)
 
     def _draw(self, learn: Learner) -> None:
