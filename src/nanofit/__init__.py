@@ -1,10 +1,9 @@
 """nanofit: a small, fast, hackable training loop for PyTorch.
 
-The names most scripts need are here (`from nanofit import Learner, DataLoaders, MetricsCB`);
-the rest live in their modules: `nanofit.callbacks` (every callback), `nanofit.schedule`
-(schedule functions), `nanofit.vision` (images, transforms, models), `nanofit.hooks`,
-`nanofit.init`, `nanofit.optim`, `nanofit.distributed`, `nanofit.testing`. Every name that
-was importable from `nanofit` before stays importable from it.
+Everyday names are here (`from nanofit import Learner, DataLoaders, MetricsCB`); each also
+lives in a module that groups it with its kind: `nanofit.callbacks` (every callback),
+`nanofit.schedule` (schedule functions), `nanofit.vision` (images, transforms, models),
+`nanofit.hooks`, `nanofit.init`, `nanofit.optim`, `nanofit.distributed`, `nanofit.testing`.
 """
 from importlib.metadata import PackageNotFoundError, version
 
@@ -76,13 +75,23 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0+unknown"
 
-# The names of `from nanofit import *` and of the README: the loop, data, the everyday
-# callbacks, export. The others above stay importable from here for existing code.
+# `from nanofit import *` gives every name nanofit has exported so far (notebooks rely on
+# it); each also has a home module where the README points: nanofit.callbacks, .vision,
+# .schedule, .hooks, .init, .optim, .distributed.
 __all__ = [
     "Learner", "TrainLearner", "MomentumLearner", "Callback", "Order", "EVENTS", "STEPS",
     "CancelFitException", "CancelEpochException", "CancelBatchException",
-    "DataLoaders", "TensorLoader", "DeviceCB", "TrainCB", "SingleBatchCB", "MetricsCB",
-    "Recorder", "ProgressCB", "ParamScheduler", "CheckpointCB", "EarlyStoppingCB",
-    "SaveBestCB", "MixedPrecision", "GradAccumCB", "GradClipCB", "BatchTransformCB",
-    "Normalize", "DDPCB", "load_learner", "exportable", "to_device", "to_cpu", "def_device",
+    "TrainCB", "DeviceCB", "SingleBatchCB", "MetricsCB", "Recorder", "ProgressCB",
+    "ParamScheduler", "BatchSchedCB", "EpochSchedCB", "LRFinderCB", "SuggestedLRs",
+    "def_device", "to_device", "to_cpu", "DataLoaders", "TensorLoader", "collate_dict",
+    "HPOptimizer", "get_hyper", "set_hyper",
+    "sched_lin", "sched_cos", "sched_exp", "sched_no", "combine_scheds", "one_cycle_scheds",
+    "flat_cos_scheds", "lr_range",
+    "Hook", "Hooks", "HooksCallback", "ActivationStats", "ModelSummary", "model_summary",
+    "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
+    "BatchTransformCB", "Normalize", "DDPCB", "rank0_only", "is_rank0",
+    "MixedPrecision", "GradAccumCB", "GradClipCB", "MixUp", "CutMix", "CSVLogger",
+    "TensorBoardCB", "ProfileCB", "CompileCB", "load_learner", "exportable",
+    "random_crop", "random_flip", "random_erase", "compose", "ImageFolder", "show_images",
+    "CheckpointCB", "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
 ]

@@ -17,7 +17,8 @@ from .checkpoint import atomic_save
 from .data import DataLoaders, TensorLoader
 from .distributed import unwrap_model
 from .images import show_images
-from .registry import reference, resolve
+from .registry import exportable, reference, resolve
+from .state import preserved_loop
 from .torch_utils import eval_mode, to_device
 
 if TYPE_CHECKING:
@@ -25,7 +26,8 @@ if TYPE_CHECKING:
 
     from .learner import Learner
 
-__all__ = ["get_preds", "predict", "tta", "export", "read_export", "show_results"]
+__all__ = ["get_preds", "predict", "tta", "export", "read_export", "show_results",
+           "exportable"]  # exportable: at home in registry.py, importable here as before
 
 EXPORT_FORMAT = "nanofit.export"
 
@@ -74,7 +76,8 @@ def get_preds(learn: Learner, dl: Any = None, with_input: bool = False, with_los
     saved_dls = learn.dls
     learn.dls = DataLoaders(getattr(saved_dls, "train", None), dl)
     try:
-        with learn.removed_cbs([cb for cb in learn.cbs if not runs_in(cb, "inference")]):
+        sitting_out = [cb for cb in learn.cbs if not runs_in(cb, "inference")]
+        with preserved_loop(learn), learn.removed_cbs(sitting_out):
             learn.fit(1, train=False, cbs=[cap, *extra_cbs])
     finally:
         learn.dls = saved_dls

@@ -45,7 +45,8 @@ class Learner:
     """
 
     # State that callbacks share, set by its owner at before_fit; reset when a fit starts, so
-    # no callback reads one left over from an earlier fit. Readable after the fit.
+    # no callback reads one left over from an earlier fit. metrics and recorder stay readable
+    # after the fit; grad_scaler is cleared by MixedPrecision at cleanup_fit.
     SHARED = ("metrics", "recorder", "grad_scaler", "accumulating")
 
     def __init__(self, model: nn.Module, dls: Any = None, loss_func: Callable = F.mse_loss,

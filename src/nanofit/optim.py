@@ -18,9 +18,9 @@ from torch import nn
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["StepCount", "check_lr", "freeze_groups", "create_opt", "splits", "freeze", "unfreeze",
-           "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper",
-           "set_hyper", "supported_hypers", "hyper_access"]
+__all__ = ["ScalerSteps", "check_lr", "freeze_groups", "create_opt", "splits", "freeze",
+           "unfreeze", "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer",
+           "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -169,19 +169,49 @@ class HPOptimizer:
         return f"HPOptimizer({type(self.opt).__name__}: {values})"
 
 
-class StepCount:
-    """Counts the steps `opt` really takes (a torch step post-hook), so steps that a
-    GradScaler skips (inf/NaN gradients) are counted without reading a value from the GPU."""
+class ScalerSteps:
+    """Optimizer steps through a GradScaler (fp16) that tell whether the step was taken.
 
-    def __init__(self, opt: torch.optim.Optimizer) -> None:
-        self.n = 0
+    A skipped step (inf/NaN gradients) is seen without a host sync beyond the scaler's own:
+    a step post-hook counts the steps the optimizer really takes. Optimizers that apply the
+    scaler themselves (`fused=True`) always run their step, so for them the scale is compared
+    instead (one more sync per step). `unscale()` before clipping; `end()` closes a step that
+    was unscaled and then abandoned (a cancelled batch), or the next unscale would fail.
+    """
+
+    def __init__(self, scaler: torch.amp.GradScaler, opt: torch.optim.Optimizer) -> None:
+        self.scaler, self.opt = scaler, opt
+        self.taken = 0
+        self.unscaled = False
+        self._fused = bool(getattr(opt, "_step_supports_amp_scaling", False))
         self._handle = opt.register_step_post_hook(self._count)
 
     def _count(self, opt: Any, args: Any, kwargs: Any) -> None:
-        self.n += 1
+        self.taken += 1
+
+    def unscale(self) -> None:
+        """True gradients (for clipping and inspection); once per step."""
+        self.scaler.unscale_(self.opt)
+        self.unscaled = True
+
+    def step(self) -> bool:
+        """Step and update the scale; False when the scaler skipped the step."""
+        before = self.scaler.get_scale() if self._fused else self.taken
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.unscaled = False
+        if self._fused:
+            return self.scaler.get_scale() >= before  # a skipped step lowers the scale
+        return self.taken > before
+
+    def end(self) -> None:
+        """Close a step that was unscaled but not taken."""
+        if self.unscaled:
+            self.scaler.update()
+            self.unscaled = False
 
     def remove(self) -> None:
-        """Stop counting."""
+        """Stop counting (the end of the fit)."""
         self._handle.remove()
 
 
@@ -253,14 +283,14 @@ def splits(learn: Learner) -> list[list[nn.Parameter]]:
 def freeze_to(learn: Learner, n: int, train_bn: bool = True) -> None:
     """`learn.freeze_to(n)`: freeze the parameter groups before group `n` (negative counts
     from the end); with `train_bn` (fastai's default) batchnorm layers stay trainable."""
-    freeze_groups(learn.model, splits(learn), n, train_bn)
+    freeze_groups(learn.model, learn.splits(), n, train_bn)
 
 
 def freeze(learn: Learner, train_bn: bool = True) -> None:
     """`learn.freeze()`: freeze every parameter group but the last (the head), as fastai."""
-    freeze_to(learn, -1, train_bn)
+    learn.freeze_to(-1, train_bn)
 
 
 def unfreeze(learn: Learner) -> None:
     """`learn.unfreeze()`: make every parameter group trainable."""
-    freeze_to(learn, 0, train_bn=True)
+    learn.freeze_to(0, train_bn=True)

@@ -6,12 +6,35 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .torch_utils import preserved_rng
+from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
 
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["preserve_state", "removed_cbs"]
+__all__ = ["preserve_state", "preserved_loop", "removed_cbs",
+           # at home in torch_utils; importable from here as before
+           "get_rng_state", "set_rng_state", "loader_generators"]
+
+LOOP_STATE = ("lr", "n_epochs", "epoch", "iter", "n_iter", "dl", "batch", "preds", "loss",
+              "run_valid")
+
+
+@contextmanager
+def preserved_loop(learn: Learner) -> Iterator[None]:
+    """Run the block (a helper fit: get_preds, lr_find), then give the learner back its loop
+    state: the position and attributes of a fit in progress, and each module's train/eval
+    mode. So `learn.predict(x)` from inside a callback leaves the running fit as it was."""
+    attrs = {k: getattr(learn, k) for k in LOOP_STATE}
+    position = copy.copy(learn.position)
+    modes = [(m, m.training) for m in learn.model.modules()]
+    try:
+        yield
+    finally:
+        for k, v in attrs.items():
+            setattr(learn, k, v)
+        learn.position = position
+        for m, mode in modes:
+            m.training = mode
 
 
 @contextmanager
@@ -46,18 +69,14 @@ def preserve_state(learn: Learner) -> Iterator[None]:
     params = [(p, p.detach().clone()) for p in model.parameters()]
     buffers = [(m, name, b.detach().clone()) for m in model.modules()
                for name, b in m.named_buffers(recurse=False)]
-    modes = [m.training for m in model.modules()]
     flags = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
     opt = learn.opt
     opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
     cb_states = [(cb, copy.deepcopy(cb.state_dict())) for cb in learn.cbs
                  if callable(getattr(cb, "state_dict", None))]
-    attrs = {k: getattr(learn, k) for k in ("lr", "n_epochs", "epoch", "iter", "n_iter", "dl",
-                                            "batch", "preds", "loss", "run_valid")}
-    position = copy.copy(learn.position)
     idle_loaders = [dl for dl in _loaders(learn.dls) if getattr(dl, "_iterator", "") is None]
-    with preserved_rng(learn.dls):
+    with preserved_rng(learn.dls), preserved_loop(learn):
         try:
             yield
         finally:
@@ -65,8 +84,6 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                 p.data = saved
             for m, name, saved in buffers:
                 m._buffers[name] = saved
-            for m, mode in zip(model.modules(), modes):
-                m.training = mode
             for p, flag, grad in zip(model.parameters(), flags, grads):
                 p.requires_grad_(flag)
                 p.grad = grad
@@ -75,9 +92,6 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                 opt.load_state_dict(opt_state)
             for cb, state in cb_states:
                 cb.load_state_dict(state)
-            for k, v in attrs.items():
-                setattr(learn, k, v)
-            learn.position = position
             for dl in idle_loaders:  # persistent workers started meanwhile carry RNG state
                 _stop_workers(dl)
 

@@ -167,3 +167,67 @@ def test_mixers_change_training_batches_only(mixer):
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     assert not v_training and torch.equal(v_xb, x) and v_perm is None
     assert v_loss == pytest.approx(F.cross_entropy(v_preds, y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_scaler_steps_see_skipped_steps_and_close_abandoned_ones(fused):
+    from nanofit.optim import ScalerSteps
+
+    p = nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([p], lr=0.1, fused=fused)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    amp = ScalerSteps(scaler, opt)
+    for grad, taken in ((torch.ones(3), True), (torch.full((3,), float("inf")), False),
+                        (torch.ones(3), True)):
+        before = p.detach().clone()
+        scaler.scale((p * grad).sum()).backward()
+        amp.unscale()
+        assert amp.step() is taken  # fused Adam always runs its step: the scale tells
+        assert torch.equal(p.detach(), before) is not taken
+        opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    amp.unscale()  # ... then the batch is cancelled before the step
+    amp.end()
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    amp.unscale()  # would raise "unscale_() has already been called" without end()
+    assert amp.step()
+    amp.remove()
+
+
+def test_get_preds_inside_a_mixed_precision_fit_keeps_its_autocast():
+    dtypes = []
+
+    class PeekAndPredict(Callback):
+        def after_predict(self, learn):
+            if learn.training:
+                dtypes.append(learn.preds.dtype)
+
+        def after_batch(self, learn):
+            if learn.training and learn.iter == 1:
+                learn.get_preds()  # a helper fit inside the fit
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MixedPrecision(), PeekAndPredict()])
+    learn.fit(1)
+    assert len(dtypes) == 5 and set(dtypes) == {torch.bfloat16}
+
+
+def test_accumulation_leftover_step_runs_in_the_last_batch_with_its_events():
+    events = []
+
+    class Watch(Callback):
+        order = 30
+
+        def after_backward(self, learn):
+            events.append(("backward", learn.iter, learn.accumulating))
+
+        def after_step(self, learn):
+            events.append(("step", learn.iter, learn.accumulating))
+
+    # 5 batches of 8, n_acc 16: steps after batches 1 and 3, and the leftover at batch 4
+    learn = Learner(make_model(), make_dls(n_train=40), F.cross_entropy,
+                    cbs=[GradAccumCB(16), Watch()])
+    learn.fit(1, valid=False)
+    done = [i for kind, i, acc in events if kind == "backward" and not acc]
+    assert done == [1, 3, 4] and len(events) == 10  # no extra event after the epoch

@@ -3,6 +3,9 @@
 Names follow one convention, `<What>CB`; the names the course and fastai use (`Recorder`,
 `MixedPrecision`, `MixUp`, ...) are the same classes under their familiar names.
 """
+# Importable from here as before the package had layers (their homes are below callbacks).
+from ..augment import Normalize  # noqa: E402  (kept apart: not a callback)
+from ..torch_utils import def_device, to_cpu, to_device  # noqa: E402
 from .checkpoint import CheckpointCB
 from .core import DeviceCB, SingleBatchCB, TrainCB
 from .distributed import DDPCB
@@ -35,4 +38,5 @@ __all__ = ["DeviceCB", "SingleBatchCB", "TrainCB", "MetricsCB", "Recorder", "Rec
            "ActivationStatsCB", "CheckpointCB", "EarlyStoppingCB", "SaveBestCB",
            "ReduceLROnPlateauCB", "TerminateOnNaNCB", "BatchTransformCB", "DDPCB", "GradAccumCB",
            "GradClipCB", "CSVLogger", "CSVLoggerCB", "TensorBoardCB", "MixUp", "MixUpCB",
-           "CutMix", "CutMixCB", "MixedPrecision", "MixedPrecisionCB", "ProfileCB", "CompileCB"]
+           "CutMix", "CutMixCB", "MixedPrecision", "MixedPrecisionCB", "ProfileCB", "CompileCB",
+           "Normalize", "def_device", "to_cpu", "to_device"]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..callback import Callback, Order
-from ..optim import HPOptimizer, StepCount
+from ..optim import HPOptimizer, ScalerSteps
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -27,15 +27,17 @@ class GradAccumCB(Callback):
 
     Each batch's loss is scaled by batch_size / n_acc for backward only, so the accumulated
     gradient is that of the mean loss over the samples; `learn.loss` (what metrics and the
-    recorder see) stays the true per-sample loss. Samples left over at the end of an epoch
-    make one last, smaller step (rescaled to their mean), as a last smaller batch would; its
-    gradient goes through `after_backward` (GradClipCB clips it) like any other.
+    recorder see) stays the true per-sample loss. The samples left over at an epoch's last
+    batch make one smaller step there (rescaled to their mean), as a last smaller batch would,
+    clipped like the others. (A loader without a length cannot say which batch is its last:
+    its leftover group steps after the epoch, without `after_backward`, so unclipped.)
     Pick `n_acc` as a multiple of the batch size; with batchnorm the statistics still see
     the small batches. With MixedPrecision (fp16) it uses `learn.grad_scaler`; while it
     accumulates, `learn.accumulating` is True (GradClipCB then waits for the step).
     """
 
     order = Order.ACCUMULATE
+    run_in_inference = False  # nothing to accumulate, and gathered gradients must stay
 
     def __init__(self, n_acc: int) -> None:
         if n_acc < 1:
@@ -44,21 +46,20 @@ class GradAccumCB(Callback):
         self.count = 0
         self.skipped = 0
         self._stepped = False
-        self._unscaled = False  # the group's gradient was unscaled; its step is still to come
-        self._steps: StepCount | None = None
+        self._amp: ScalerSteps | None = None
 
     def before_fit(self, learn: Learner) -> None:
-        self.count, self._stepped, self._unscaled = 0, False, False
+        self.count, self._stepped = 0, False
         if learn.opt is not None:
             learn.opt.zero_grad()  # nothing left over from an earlier fit
             if learn.grad_scaler is not None:
-                self._steps = StepCount(learn.opt.opt)
+                self._amp = ScalerSteps(learn.grad_scaler, learn.opt.opt)
 
     def cleanup_fit(self, learn: Learner) -> None:
-        self._end_scaler_step(learn)
-        if self._steps is not None:
-            self._steps.remove()
-            self._steps = None
+        if self._amp is not None:
+            self._amp.end()
+            self._amp.remove()
+            self._amp = None
 
     def backward(self, learn: Learner) -> None:
         n = len(learn.batch[learn.n_inp])
@@ -67,59 +68,46 @@ class GradAccumCB(Callback):
         (scaler.scale(loss) if scaler is not None else loss).backward()
         self.count += n
         self._stepped = False
-        learn.accumulating = self.count < self.n_acc
+        last = learn.n_iter > 0 and learn.iter == learn.n_iter - 1  # the epoch's last batch
+        learn.accumulating = self.count < self.n_acc and not last
         if not learn.accumulating:
             self._finish_gradient(learn)
 
     def _finish_gradient(self, learn: Learner) -> None:
-        """Make the group's gradient the one to step with: the mean over its samples (a short
-        or overfull group is rescaled), unscaled (fp16), before after_backward sees it."""
+        """Make the group's gradient the one to step with, before after_backward sees it: the
+        mean over its samples (a short or overfull group is rescaled), unscaled (fp16)."""
         if self.count != self.n_acc:
             with torch.no_grad():
                 for p in learn.model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(self.n_acc / self.count)
-        if learn.grad_scaler is not None:
-            learn.grad_scaler.unscale_(_opt(learn).opt)
-            self._unscaled = True
+        if self._amp is not None:
+            self._amp.unscale()
 
     def step(self, learn: Learner) -> None:
-        if self.count >= self.n_acc:
+        if not learn.accumulating:
             self._step(learn)
 
     def _step(self, learn: Learner) -> None:
-        scaler = learn.grad_scaler
-        if scaler is None or self._steps is None:
+        if self._amp is None:
             _opt(learn).step()
-        else:
-            taken = self._steps.n
-            scaler.step(_opt(learn).opt)
-            scaler.update()
-            self._unscaled = False
-            if self._steps.n == taken:  # skipped by the scaler: no host sync to find out
-                self.skipped += 1
-                warnings.warn("GradAccumCB: an optimizer step was skipped because of inf/NaN "
-                              "gradients (fp16 overflow)")
+        elif not self._amp.step():  # skipped by the scaler: no host sync to find out
+            self.skipped += 1
+            warnings.warn("GradAccumCB: an optimizer step was skipped because of inf/NaN "
+                          "gradients (fp16 overflow)")
         self.count, self._stepped = 0, True
 
     def zero_grad(self, learn: Learner) -> None:
         if self._stepped:
             _opt(learn).zero_grad()
 
-    def after_cancel_batch(self, learn: Learner) -> None:
-        self._end_scaler_step(learn)
-
-    def _end_scaler_step(self, learn: Learner) -> None:
-        """Cancelled between unscale_ and the step: close the scaler's iteration."""
-        if self._unscaled and learn.grad_scaler is not None:
-            learn.grad_scaler.update()
-        self._unscaled = False
+    def cleanup_batch(self, learn: Learner) -> None:
+        if self._amp is not None:
+            self._amp.end()  # cancelled between backward and step
 
     def after_epoch(self, learn: Learner) -> None:
-        if learn.training and self.count > 0:  # the epoch's leftover samples: one more step
-            learn.accumulating = False
+        if learn.training and self.count > 0:  # a loader without a length: its leftover group
             self._finish_gradient(learn)
-            learn.callback("after_backward")  # its gradient is ready: GradClipCB clips it
             self._step(learn)
             _opt(learn).zero_grad()
         learn.accumulating = False

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..callback import Callback, Order
-from ..optim import StepCount
+from ..optim import ScalerSteps
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -24,7 +24,7 @@ class MixedPrecision(Callback):
     With fp16 the gradients are unscaled right after backward, so GradClipCB and anything else
     at `after_backward` sees true gradients. Steps the scaler skips (inf/NaN gradients) are
     counted in `skipped`, without a host sync beyond the scaler's own, and reported at the end
-    of each epoch. A batch cancelled after backward ends the scaler's step cleanly.
+    of each epoch. A batch cancelled between backward and step closes the scaler's step.
     """
 
     order = Order.PRECISION
@@ -33,10 +33,14 @@ class MixedPrecision(Callback):
         self.dtype = dtype
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped = 0
-        self._steps: StepCount | None = None
-        self._unscaled = False  # unscale_ ran for a step that has not been taken yet
+        self._amp: ScalerSteps | None = None
+        self._depth = 0  # fits in progress: get_preds called from a callback runs one inside
 
     def before_fit(self, learn: Learner) -> None:
+        self._depth += 1
+        if self._depth > 1:  # a helper fit inside the fit: keep the running fit's state
+            learn.grad_scaler = self.scaler
+            return
         param = next(learn.model.parameters())
         self.device_type = param.device.type
         if self.dtype is None:
@@ -46,15 +50,18 @@ class MixedPrecision(Callback):
             self.scaler = torch.amp.GradScaler("cuda")
         learn.grad_scaler = self.scaler  # for callbacks that replace backward/step (GradAccumCB)
         if self.scaler is not None and learn.opt is not None:
-            self._steps = StepCount(learn.opt.opt)
-        self._epoch_skipped, self._unscaled = 0, False
+            self._amp = ScalerSteps(self.scaler, learn.opt.opt)
+        self._epoch_skipped = 0
 
     def cleanup_fit(self, learn: Learner) -> None:
-        self._end_scaler_step()  # a fit stopped between backward and step
+        self._depth -= 1
+        if self._depth:
+            return
         learn.grad_scaler = None
-        if self._steps is not None:
-            self._steps.remove()
-            self._steps = None
+        if self._amp is not None:
+            self._amp.end()  # a fit stopped between backward and step
+            self._amp.remove()
+            self._amp = None
 
     def wrap_handler(self, event: str, fn: Callable[[Learner], None]) -> Callable[[Learner], None]:
         """The forward steps (predict, get_loss) run inside autocast; the rest as they are."""
@@ -68,36 +75,23 @@ class MixedPrecision(Callback):
         return autocast
 
     def backward(self, learn: Learner) -> None:
-        if self.scaler is None:
+        if self.scaler is None or self._amp is None:
             learn.loss.backward()
             return
         self.scaler.scale(learn.loss).backward()
-        assert learn.opt is not None  # training batches have one
-        self.scaler.unscale_(learn.opt.opt)  # true gradients for clipping and inspection
-        self._unscaled = True
+        self._amp.unscale()  # true gradients for clipping and inspection
 
     def step(self, learn: Learner) -> None:
         assert learn.opt is not None  # training batches have one
-        if self.scaler is None or self._steps is None:
+        if self._amp is None:
             learn.opt.step()
-            return
-        taken = self._steps.n
-        self.scaler.step(learn.opt.opt)
-        self.scaler.update()
-        self._unscaled = False
-        if self._steps.n == taken:  # the scaler skipped this step: inf/NaN gradients
+        elif not self._amp.step():  # the scaler skipped it: inf/NaN gradients
             self.skipped += 1
             self._epoch_skipped += 1
 
-    def after_cancel_batch(self, learn: Learner) -> None:
-        self._end_scaler_step()
-
-    def _end_scaler_step(self) -> None:
-        """A batch was cancelled after unscale_ and before the step: close the scaler's
-        iteration (update), or its next unscale_ would fail."""
-        if self._unscaled and self.scaler is not None:
-            self.scaler.update()
-        self._unscaled = False
+    def cleanup_batch(self, learn: Learner) -> None:
+        if self._amp is not None:
+            self._amp.end()  # cancelled (batch, epoch or fit) between backward and step
 
     def after_epoch(self, learn: Learner) -> None:
         if learn.training and self._epoch_skipped:

@@ -4,12 +4,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..augment import Normalize
 from ..callback import Callback, Order
 
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["BatchTransformCB"]
+__all__ = ["BatchTransformCB", "Normalize"]  # Normalize lives in augment.py
 
 
 class BatchTransformCB(Callback):
