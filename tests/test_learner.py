@@ -557,3 +557,32 @@ def test_loss_errors_name_shapes_batch_and_fix(targets, loss, hint):
     notes = "\n".join(info.value.__notes__)
     assert "loss_func got a tensor of shape (8, 3)" in notes and "(epoch 0, batch 0)" in notes
     assert __import__("re").search(hint, notes), notes
+
+
+def test_a_loader_error_says_which_batch_of_which_loader_it_was_fetching():
+    from torch.utils.data import DataLoader, Dataset
+
+    class Broken(Dataset):
+        def __init__(self, bad):
+            self.bad = bad
+
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            if i == self.bad:
+                raise OSError(f"cannot read item {i}")
+            return torch.randn(4), 0
+
+    for bad, note in ((9, "batch 2 of dls.train (epoch 0)"), (0, "batch 0 of dls.train")):
+        dl = DataLoader(Broken(bad), batch_size=4)
+        learn = Learner(make_model(n_out=2), DataLoaders(dl, dl), F.cross_entropy)
+        with pytest.raises(OSError) as info:
+            learn.fit(1)
+        assert any(note in n for n in info.value.__notes__), info.value.__notes__
+    good = DataLoader(Broken(-1), batch_size=4)
+    learn = Learner(make_model(n_out=2), DataLoaders(good, DataLoader(Broken(5), batch_size=4)),
+                    F.cross_entropy)
+    with pytest.raises(OSError) as info:
+        learn.fit(2)
+    assert "raised while fetching batch 1 of dls.valid (epoch 0)" in info.value.__notes__

@@ -346,11 +346,17 @@ class LoopPosition:
         return self._batches(learn, train, start)
 
     def _batches(self, learn: Learner, train: bool, start: int) -> Iterator[Any]:
-        if start:
-            batches = self._resumed_batches(learn, start)
-        else:
-            batches = check_first_batch(iter(learn.dl), self.phase or "train")
-        yield from batches
+        phase = "train" if train else "valid"
+        try:
+            if start:
+                batches = self._resumed_batches(learn, start)
+            else:
+                batches = check_first_batch(iter(learn.dl), phase)
+            yield from batches  # errors of the loop's body are not raised here, only the loader's
+        except Exception as e:
+            e.add_note(f"raised while fetching batch {learn.iter + 1} of dls.{phase} "
+                       f"(epoch {learn.epoch})")
+            raise
         self.phase_done = True  # read by checkpoints saved in after_epoch
 
     def _resumed_batches(self, learn: Learner, skip: int) -> Iterator[Any]:
