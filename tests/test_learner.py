@@ -421,14 +421,27 @@ def test_training_property_follows_the_model():
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_epochs": 0}, "n_epochs must be an int >= 1"),
     ({"n_epochs": 1.5}, "n_epochs must be an int >= 1"),
-    ({"lr": 0.0}, r"lr must be a finite number > 0 .*got 0.0"),
-    ({"lr": float("nan")}, r"lr must be a finite number > 0 .*got nan"),
+    ({"lr": -0.1}, r"lr must be a finite number >= 0 .*got -0.1"),
+    ({"lr": float("nan")}, r"lr must be a finite number >= 0 .*got nan"),
     ({"lr": [0.1, -1.0]}, r"got \[0.1, -1.0\]"),
 ])
 def test_bad_fit_arguments(kwargs, match):
     learn = Learner(make_model(), make_dls())
     with pytest.raises(ValueError, match=match):
         learn.fit(**{"n_epochs": 1, **kwargs})
+
+
+def test_lr_zero_is_frozen_training_and_validation_needs_no_lr():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0)
+    before = [p.detach().clone() for p in learn.model.parameters()]
+    learn.fit(1)  # torch allows lr=0: the weights do not move
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))
+    learn.fit_one_cycle(1, lr_max=0.0)
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=float("nan"))
+    learn.fit(1, train=False)  # no training phase: no optimizer, no lr to check
+    assert learn.opt is None
+    np = pytest.importorskip("numpy")
+    Learner(make_model(), make_dls(), F.cross_entropy, lr=np.float32(0.1)).fit(1)
 
 
 def test_bad_data_and_frozen_model_are_reported_before_training():

@@ -9,8 +9,8 @@ from typing import Any
 
 __all__ = ["CANCELS", "Callback", "CancelFitException", "CancelEpochException",
            "CancelBatchException", "Order", "EVENTS", "STEPS", "STAGES", "check_callback",
-           "note_origin", "where", "as_cbs", "build_handlers", "describe_loop", "describe_orders",
-           "runs_in"]
+           "note_origin", "where", "as_cbs", "build_handlers", "call_all", "describe_loop",
+           "describe_orders", "runs_in"]
 
 
 class CancelFitException(Exception):
@@ -118,6 +118,24 @@ def note_origin(e: BaseException, fn: Callable, event: str) -> None:
     notes = getattr(e, "__notes__", ())
     if not any(n.startswith("raised in ") for n in notes):
         e.add_note(f"raised in {where(fn)} (event '{event}')")
+
+
+def call_all(handlers: Sequence[Callable], learn: Any, event: str) -> None:
+    """Run every handler even when one fails (cleanup events: each callback releases what it
+    holds); then raise the first error, with a note for each later one."""
+    first: BaseException | None = None
+    for fn in handlers:
+        try:
+            fn(learn)
+        except BaseException as e:
+            if first is None:
+                note_origin(e, fn, event)
+                first = e
+            else:
+                first.add_note(f"then {where(fn)} (event '{event}') raised "
+                               f"{type(e).__name__}: {e}")
+    if first is not None:
+        raise first
 
 
 def check_callback(cb: Any) -> None:

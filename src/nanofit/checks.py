@@ -31,7 +31,8 @@ def check_fit_args(learn: Learner, n_epochs: int, train: bool, valid: bool, lr: 
                              "learner's callbacks; pass it only once")
     if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 1:
         raise ValueError(f"fit: n_epochs must be an int >= 1, got {n_epochs!r}")
-    check_lr(learn.lr if lr is None else lr, "fit")
+    if train:  # a fit with no training phase makes and needs no optimizer
+        check_lr(learn.lr if lr is None else lr, "fit")
     if learn.dls is None:
         raise ValueError("fit: the learner has no data; pass dls=DataLoaders(train_dl, valid_dl)")
     for phase, wanted in (("train", train), ("valid", valid)):

@@ -19,6 +19,7 @@ from .callback import (
     STAGES,
     as_cbs,
     build_handlers,
+    call_all,
     check_callback,
     describe_loop,
     note_origin,
@@ -202,14 +203,14 @@ class Learner:
                 self.callback(after_cancel)
         except BaseException as error:
             try:  # the cleanup still runs; a second failure must not hide the first
-                self.callback(cleanup)
+                call_all(self._handlers[cleanup], self, cleanup)
             except Exception as second:
                 if isinstance(error, CANCELS):
                     raise  # a real error beats a cancellation
                 error.add_note(f"while cleaning up ({cleanup}), {type(second).__name__}: "
                                f"{second}")
             raise
-        self.callback(cleanup)
+        call_all(self._handlers[cleanup], self, cleanup)  # every callback's, even if one fails
 
     # ---- the five steps: defaults that a callback or a subclass may replace -----------------
     def predict(self, x: Any = None, act: Callable | None = None) -> Any:

@@ -9,6 +9,7 @@ gradient (L2); SGD's `weight_decay` is L2, which for plain SGD is the same thing
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -216,12 +217,13 @@ class ScalerSteps:
 
 
 def check_lr(lr: Any, where_: str) -> None:
-    """A learning rate must be a finite number > 0, or a list of them (one per param group)."""
+    """A learning rate is a finite number >= 0 (0 freezes training, as torch allows), or a
+    list of them, one per param group."""
     values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
-    if not values or not all(not isinstance(v, bool) and isinstance(v, (int, float))
-                             and math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{where_}: lr must be a finite number > 0 (or a list of them, one per "
-                         f"param group), got {lr!r}")
+    if not values or not all(not isinstance(v, bool) and isinstance(v, numbers.Real)
+                             and math.isfinite(v) and float(v) >= 0 for v in values):
+        raise ValueError(f"{where_}: lr must be a finite number >= 0 (or a list of them, one "
+                         f"per param group), got {lr!r}")
 
 
 def freeze_groups(model: nn.Module, groups: list[list[nn.Parameter]], n: int,

@@ -142,7 +142,12 @@ def test_lr_find_returns_suggestions_and_saves_the_plot(tmp_path):
     assert finder.lrs[0] <= s.valley <= finder.lrs[-1]
     assert finder.lrs[0] <= s.steep <= finder.lrs[-1]
     assert path.read_bytes()[:4] == b"\x89PNG"
-    assert learn.lr_find(num_it=10, plot=False).minimum is None
+    only = learn.lr_find(num_it=10, plot=False)  # only what was asked, as plain floats
+    assert only._fields == ("valley",) and not hasattr(only, "minimum")
+    (valley,) = only
+    assert type(valley) is float
+    two = learn.lr_find(num_it=10, plot=False, suggest=("steep", "valley"))
+    assert two._fields == ("steep", "valley") and all(type(float(v)) is float for v in two)
     with pytest.raises(ValueError, match="unknown lr_find suggestion"):
         learn.lr_find(num_it=10, suggest=("best",), plot=False)
 

@@ -17,6 +17,47 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointCB"]
 
 
+class _CtrlC:
+    """The one SIGINT handler of every CheckpointCB in a running fit. The first to start
+    installs it and the last to finish puts back the handler it found, whatever the number
+    of callbacks and the order they finish in. Ctrl-C asks each of them to save and stop."""
+
+    def __init__(self) -> None:
+        self.cbs: list[CheckpointCB] = []
+        self.previous: Any = None
+
+    def join(self, cb: CheckpointCB) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only
+        if not self.cbs:
+            self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.cbs.append(cb)
+
+    def leave(self, cb: CheckpointCB) -> None:
+        mine = [i for i, c in enumerate(self.cbs) if c is cb]
+        if not mine:
+            return
+        del self.cbs[mine[-1]]
+        if not self.cbs and signal.getsignal(signal.SIGINT) == self.handle:
+            signal.signal(signal.SIGINT, self.previous)  # unless someone else replaced ours
+            self.previous = None
+
+    def saved_by_all(self, cb: CheckpointCB) -> bool:
+        """Whether `cb` is the last of them to run: the one to stop the fit, once all saved."""
+        return not self.cbs or self.cbs[-1] is cb
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if any(cb.interrupted for cb in self.cbs):  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        for cb in self.cbs:
+            cb.interrupted = True
+        print("\nnanofit: interrupted; finishing this batch and saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+
+_CTRL_C = _CtrlC()
+
+
 class CheckpointCB(Callback):
     """Saves checkpoints into the folder `path` every `every_n_batches` training batches
     and/or after every epoch, keeping the newest `keep` files.
@@ -41,16 +82,7 @@ class CheckpointCB(Callback):
         self.every_epoch = every_epoch
         self.keep = keep
         self.saved: list[Path] = []
-        self.interrupted = False
-        self._old_handler: Any = None
-
-    # ---- Ctrl-C: finish the batch, save, then stop --------------------------------------------
-    def _on_sigint(self, signum: int, frame: Any) -> None:
-        if self.interrupted:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.interrupted = True
-        print("\nnanofit: interrupted; finishing this batch and saving a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.interrupted = False  # set by Ctrl-C: finish the batch, save, then stop
 
     def before_fit(self, learn: Learner) -> None:
         if is_rank0():
@@ -60,19 +92,18 @@ class CheckpointCB(Callback):
         existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
         kept = [f for f in self.saved if f.exists()]
         self.saved = [f for f in existing if f not in self.saved] + kept
-        if threading.current_thread() is threading.main_thread():
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        _CTRL_C.join(self)
 
     def cleanup_fit(self, learn: Learner) -> None:
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
-            self._old_handler = None
+        _CTRL_C.leave(self)
 
     # ---- when to save -----------------------------------------------------------------------
     def after_batch(self, learn: Learner) -> None:
         if self.interrupted:
             self.save(learn)
-            raise KeyboardInterrupt(f"interrupted; checkpoint saved to {self.saved[-1]}")
+            if _CTRL_C.saved_by_all(self):
+                raise KeyboardInterrupt(f"interrupted; checkpoint saved to {self.saved[-1]}")
+            return
         n = self.every_n_batches
         if n and learn.training and (learn.iter + 1) % n == 0:
             self.save(learn)
@@ -96,7 +127,8 @@ class CheckpointCB(Callback):
     def _stop_if_interrupted(self, learn: Learner) -> None:
         if self.interrupted:  # Ctrl-C came after the last batch: the fit is complete, say so
             path = self.save(learn)
-            raise KeyboardInterrupt(f"interrupted; checkpoint saved to {path}")
+            if _CTRL_C.saved_by_all(self):
+                raise KeyboardInterrupt(f"interrupted; checkpoint saved to {path}")
 
     def save(self, learn: Learner) -> Path:
         """Save a checkpoint now, named by its loop position; prune old ones. Under

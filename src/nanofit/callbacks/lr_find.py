@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from ..callback import Callback, CancelEpochException, CancelFitException, Order, runs_in
 from ..checks import check_fit_args
@@ -56,12 +57,17 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
 SUGGESTIONS = {"valley": suggest_valley, "minimum": suggest_minimum, "steep": suggest_steep}
 
 
-class SuggestedLRs(NamedTuple):
-    """The LR finder's suggestions, by name (only the ones asked for are set)."""
+_SUGGESTED: dict[tuple[str, ...], type] = {}  # one named tuple type per set of names asked
 
-    valley: float | None = None
-    minimum: float | None = None
-    steep: float | None = None
+
+def SuggestedLRs(**values: float) -> Any:  # noqa: N802  (used like fastai's named tuple)
+    """The LR finder's suggestions: a named tuple of the ones asked for, in the order asked, as
+    plain floats (as fastai returns them): `valley, = learn.lr_find()`,
+    `learn.lr_find(suggest=("valley", "steep")).steep`, `[float(v) for v in res]`."""
+    names = tuple(values)
+    if names not in _SUGGESTED:
+        _SUGGESTED[names] = namedtuple("SuggestedLRs", names)
+    return _SUGGESTED[names](*(float(v) for v in values.values()))
 
 
 class LRFinderCB(Callback):
@@ -114,7 +120,7 @@ class LRFinderCB(Callback):
         if (self.stop_div and diverged) or i >= self.num_it:
             raise CancelFitException()
 
-    def suggest(self, names: Sequence[str] = ("valley", "minimum", "steep")) -> SuggestedLRs:
+    def suggest(self, names: Sequence[str] = ("valley", "minimum", "steep")) -> Any:
         """Suggested learning rates from the recorded curve, by method name."""
         unknown = [n for n in names if n not in SUGGESTIONS]
         if unknown:
@@ -133,18 +139,20 @@ class LRFinderCB(Callback):
             raise ValueError(f"lr_find recorded {len(lrs)} usable losses, too few to suggest a "
                              "learning rate; lower start_lr, raise num_it, or check the data "
                              "and loss")
-        return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in names})
+        if not names:
+            raise ValueError("lr_find: suggest= names no suggestion; ask for at least one of "
+                             f"{list(SUGGESTIONS)}")
+        return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in dict.fromkeys(names)})
 
-    def plot(self, suggestions: SuggestedLRs | None = None, path: str | Path | None = None):
+    def plot(self, suggestions: Any = None, path: str | Path | None = None):
         """Smoothed loss against lr (log axis) with the suggestions marked; returns the Figure."""
-        marks = {} if suggestions is None else {k: v for k, v in suggestions._asdict().items()
-                                                 if v is not None}
+        marks = {} if suggestions is None else suggestions._asdict()
         return plot_lr_find(self.lrs, self.losses, marks, path=path)
 
 
 def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
             stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
-            plot_path: str = "lr_find.png") -> SuggestedLRs:
+            plot_path: str = "lr_find.png") -> Any:
     """`learn.lr_find()`: grow the lr from `start_lr` to `end_lr` over `num_it` training
     batches and return the suggested rate(s) (`.valley`, `.minimum`, `.steep`, as asked in
     `suggest`). Leaves no trace: `lr_find(); fit()` trains exactly as `fit()` alone; callbacks
