@@ -599,3 +599,15 @@ def test_a_loader_error_says_which_batch_of_which_loader_it_was_fetching():
     with pytest.raises(OSError) as info:
         learn.fit(2)
     assert "raised while fetching batch 1 of dls.valid (epoch 0)" in info.value.__notes__
+
+
+def test_learn_epochs_is_the_range_the_course_reads():
+    seen = []
+
+    class CourseProgress(Callback):  # the course's ProgressCB reads learn.epochs
+        def before_fit(self, learn):
+            seen.append(list(learn.epochs))
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[CourseProgress()])
+    learn.fit(3)
+    assert seen == [[0, 1, 2]] and learn.epochs == range(3)

@@ -60,6 +60,7 @@ class Learner:
         self.cbs: list[Any] = []
         # The loop's state: callbacks read and write it.
         self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
+        self.epochs = range(0)  # range(n_epochs) in a fit, as the course's callbacks read it
         self.dl: Any = None
         self.batch: Any = None
         self.preds: Any = None
@@ -138,7 +139,7 @@ class Learner:
                 self.lr = lr
             if train:
                 self._prepare_opt(lr)
-            self.n_epochs = n_epochs
+            self.n_epochs, self.epochs = n_epochs, range(n_epochs)
             self.run_valid = valid and getattr(self.dls, "valid", None) is not None
             self.metrics = self.recorder = self.grad_scaler = None
             self.accumulating = False
@@ -154,7 +155,7 @@ class Learner:
 
     def _do_fit(self, train: bool, valid: bool, ckpt: dict | None) -> None:
         first_epoch, first_batch, train_done = self.position.resume(self, ckpt)
-        for self.epoch in range(first_epoch, self.n_epochs):
+        for self.epoch in self.epochs[first_epoch:]:
             resumed = self.epoch == first_epoch
             if train and not (resumed and train_done):
                 self.one_epoch(True, first_batch if resumed else 0)

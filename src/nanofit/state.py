@@ -15,8 +15,8 @@ __all__ = ["preserve_state", "preserved_loop", "removed_cbs",
            # at home in torch_utils; importable from here as before
            "get_rng_state", "set_rng_state", "loader_generators"]
 
-LOOP_STATE = ("lr", "n_epochs", "epoch", "iter", "n_iter", "dl", "batch", "preds", "loss",
-              "run_valid")
+LOOP_STATE = ("lr", "n_epochs", "epochs", "epoch", "iter", "n_iter", "dl", "batch", "preds",
+              "loss", "run_valid")
 
 
 @contextmanager

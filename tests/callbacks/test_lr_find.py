@@ -275,3 +275,16 @@ def test_suggest_ignores_nan_and_the_curve_after_divergence():
     finder.losses = [float("nan")] * 10
     with pytest.raises(ValueError, match="too few to suggest"):
         finder.suggest()
+
+
+def test_the_course_lr_find_signature():
+    learn = make_learner()
+    res = learn.lr_find(gamma=1.3, max_mult=3, start_lr=1e-5, max_epochs=2, plot=False)
+    lrs = learn.lr_finder.lrs
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] == pytest.approx(1.3e-5)  # x gamma a batch
+    assert len(lrs) <= 2 * len(learn.dls.train)  # at most max_epochs epochs
+    assert lrs[0] <= res.valley <= lrs[-1]
+    with pytest.raises(ValueError, match="gamma > 1 .* or end_lr, not both"):
+        learn.lr_find(gamma=1.3, end_lr=1.0, plot=False)
+    with pytest.raises(ValueError, match="max_mult"):
+        learn.lr_find(max_mult=1, plot=False)

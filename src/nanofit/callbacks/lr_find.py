@@ -71,21 +71,32 @@ def SuggestedLRs(**values: float) -> Any:  # noqa: N802  (used like fastai's nam
 
 
 class LRFinderCB(Callback):
-    """Raises the lr exponentially from `start_lr` to `end_lr` over `num_it` training batches,
-    records the smoothed loss, and cancels the fit when done or when the loss diverges
-    (smoothed loss above 4x its minimum, or not finite). Use it through `learn.lr_find()`.
+    """Raises the lr exponentially from `start_lr` to `end_lr` over `num_it` training batches
+    (or by a factor `gamma` per batch, as the course's LRFinderCB), records the smoothed
+    loss, and cancels the fit when done or when the loss diverges (smoothed loss above
+    `max_mult` times its minimum, or not finite). Use it through `learn.lr_find()`.
     """
 
     order = Order.LR_FINDER
 
-    def __init__(self, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
-                 stop_div: bool = True, beta: float = 0.98) -> None:
-        if not 0 < start_lr < end_lr:
-            raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+    def __init__(self, start_lr: float = 1e-7, end_lr: float | None = None, num_it: int = 100,
+                 stop_div: bool = True, beta: float = 0.98, gamma: float | None = None,
+                 max_mult: float = 4.0) -> None:
         if num_it < 2:
             raise ValueError(f"lr_find needs num_it >= 2, got {num_it}")
+        if gamma is not None:
+            if end_lr is not None or gamma <= 1:
+                raise ValueError(f"lr_find: give gamma > 1 (the lr's growth per batch) or "
+                                 f"end_lr, not both; got gamma={gamma}, end_lr={end_lr}")
+            end_lr = start_lr * gamma ** (num_it - 1)
+        end_lr = 10.0 if end_lr is None else end_lr
+        if not 0 < start_lr < end_lr:
+            raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
+        if max_mult <= 1:
+            raise ValueError(f"lr_find: max_mult (divergence at max_mult x the lowest loss) "
+                             f"must be > 1, got {max_mult}")
         self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
-        self.stop_div, self.beta = stop_div, beta
+        self.stop_div, self.beta, self.max_mult = stop_div, beta, max_mult
         self.lrs: list[float] = []
         self.raw_losses: list[float] = []
         self.losses: list[float] = []  # smoothed
@@ -116,7 +127,7 @@ class LRFinderCB(Callback):
         self.losses.append(smooth)
         if math.isfinite(smooth):
             self._best = min(self._best, smooth)
-        diverged = not math.isfinite(smooth) or smooth > 4 * self._best
+        diverged = not math.isfinite(smooth) or smooth > self.max_mult * self._best
         if (self.stop_div and diverged) or i >= self.num_it:
             raise CancelFitException()
 
@@ -126,11 +137,11 @@ class LRFinderCB(Callback):
         if unknown:
             raise ValueError(f"unknown lr_find suggestion {unknown}; choose from "
                              f"{list(SUGGESTIONS)}")
-        # The curve up to where it diverges (the stop_div rule: not finite, or above 4x the
-        # lowest loss so far): beyond that it says nothing about good rates.
+        # The curve up to where it diverges (the stop_div rule: not finite, or above max_mult
+        # times the lowest loss so far): beyond that it says nothing about good rates.
         lrs, losses, lowest = [], [], math.inf
         for lr, loss in zip(self.lrs, self.losses):
-            if not math.isfinite(loss) or loss > 4 * lowest:
+            if not math.isfinite(loss) or loss > self.max_mult * lowest:
                 break
             lrs.append(lr)
             losses.append(loss)
@@ -150,18 +161,28 @@ class LRFinderCB(Callback):
         return plot_lr_find(self.lrs, self.losses, marks, path=path)
 
 
-def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float = 10.0, num_it: int = 100,
-            stop_div: bool = True, suggest: Sequence[str] = ("valley",), plot: bool = True,
-            plot_path: str = "lr_find.png") -> Any:
-    """`learn.lr_find()`: grow the lr from `start_lr` to `end_lr` over `num_it` training
-    batches and return the suggested rate(s) (`.valley`, `.minimum`, `.steep`, as asked in
-    `suggest`). Leaves no trace: `lr_find(); fit()` trains exactly as `fit()` alone; callbacks
-    with `main_fit_only` (schedules, metrics, loggers...) sit it out. The curve is in
+def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float | None = None,
+            num_it: int = 100, stop_div: bool = True, suggest: Sequence[str] = ("valley",),
+            plot: bool = True, plot_path: str = "lr_find.png", gamma: float | None = None,
+            max_mult: float = 4.0, max_epochs: int | None = None) -> Any:
+    """`learn.lr_find()`: grow the lr from `start_lr` to `end_lr` (default 10) over `num_it`
+    training batches and return the suggested rate(s) (`.valley`, `.minimum`, `.steep`, as
+    asked in `suggest`). The course's form works too: `lr_find(gamma=1.3, max_mult=3,
+    start_lr=1e-5, max_epochs=10)` grows the lr by `gamma` per batch for up to `max_epochs`
+    epochs; the sweep stops when the smoothed loss passes `max_mult` times its minimum.
+    Leaves no trace: `lr_find(); fit()` trains exactly as `fit()` alone; callbacks with
+    `main_fit_only` (schedules, metrics, loggers...) sit it out. The curve is in
     `learn.lr_finder`; `plot` shows it in a notebook, else saves it to `plot_path`."""
-    finder = LRFinderCB(start_lr, end_lr, num_it, stop_div)
     check_fit_args(learn, 1, True, False, None)
+    sized = hasattr(learn.dls.train, "__len__")
+    n_batches = len(learn.dls.train) if sized else 1
+    if max_epochs is not None:
+        if not sized:
+            raise ValueError("lr_find(max_epochs=...) needs a training loader with a length; "
+                             "give num_it (training batches) instead")
+        num_it = max_epochs * n_batches
+    finder = LRFinderCB(start_lr, end_lr, num_it, stop_div, gamma=gamma, max_mult=max_mult)
     # Enough epochs to reach num_it batches; the finder cancels the fit when done.
-    n_batches = len(learn.dls.train) if hasattr(learn.dls.train, "__len__") else 1
     sitting_out = [cb for cb in learn.cbs if not runs_in(cb, "lr_find")]
     with preserve_state(learn), learn.removed_cbs(sitting_out):
         learn.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])
