@@ -1,6 +1,8 @@
 """Image folders: ImageFolder, from_folder splits, workers, statistics, grids, demo --data."""
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -53,6 +55,89 @@ def test_corrupt_file_is_named_or_skipped(folder):
     assert len(ok) == len(ds) - 1
     for i in range(len(ok)):
         ok[i]
+
+
+def _noise(path, seed=0, fmt=None):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path, fmt)
+
+
+def _short_idat(path):
+    """Half of a PNG's compressed data in a chunk with a correct length and CRC."""
+    data = path.read_bytes()
+    at = data.index(b"IDAT") - 4
+    n = struct.unpack(">I", data[at:at + 4])[0]
+    cut = data[at + 8:at + 8 + n // 2]
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + cut))
+    chunk = struct.pack(">I", len(cut)) + b"IDAT" + cut + crc
+    path.write_bytes(data[:at] + chunk + data[at + 12 + n:])
+
+
+def test_truncated_jpeg_and_png_are_named_or_skipped(tmp_path):
+    for i, cls in enumerate(["cat", "dog", "cat", "dog", "cat", "dog"]):
+        (tmp_path / cls).mkdir(exist_ok=True)
+        _noise(tmp_path / cls / f"{i}.jpg", i)
+        _noise(tmp_path / cls / f"{i}.png", i)
+    for name in ("cat/0.jpg", "dog/1.png"):  # the header kept, the image data cut
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:len(data) * 3 // 4])
+    _short_idat(tmp_path / "cat" / "2.png")  # chunks intact, the compressed data short
+    bad = ["cat/0.jpg", "cat/2.png", "dog/1.png"]
+    ds = ImageFolder(tmp_path, size=8)
+    names = [f.relative_to(tmp_path).as_posix() for f in ds.files]
+    for name in bad:
+        with pytest.raises(ValueError, match=rf"cannot read image .*{name}.*skip_bad=True"):
+            ds[names.index(name)]
+    with pytest.warns(UserWarning, match=r"skipping 3 unreadable file\(s\)"):
+        ok = ImageFolder(tmp_path, size=8, skip_bad=True)
+    assert [f.relative_to(tmp_path).as_posix() for f in ok.files] == sorted(set(names) - set(bad))
+    assert all(x.shape == (3, 8, 8) for x, _ in ok)
+    with pytest.warns(UserWarning, match=r"skipping 3 unreadable"):
+        dls = DataLoaders.from_folder(tmp_path, valid_pct=0.3, seed=0, size=8, bs=4,
+                                      num_workers=0, skip_bad=True)
+    assert sum(len(xb) for dl in (dls.train, dls.valid) for xb, _ in dl) == 12 - 3
+
+
+def _symlink(link, target):
+    try:
+        link.symlink_to(target, target_is_directory=target.is_dir())
+    except OSError as e:  # e.g. Windows without the privilege
+        pytest.skip(f"cannot make symlinks here: {e}")
+
+
+def test_symlinked_class_folders_and_files_are_followed(tmp_path):
+    stored = tmp_path / "stored"
+    (stored / "cats").mkdir(parents=True)
+    for i in range(2):
+        _noise(stored / "cats" / f"{i}.png", i)
+    _noise(stored / "extra_dog.png", 5)
+    root = tmp_path / "data"
+    (root / "dog").mkdir(parents=True)
+    _noise(root / "dog" / "0.png", 9)
+    _symlink(root / "cat", stored / "cats")
+    _symlink(root / "dog" / "1.png", stored / "extra_dog.png")
+    ds = ImageFolder(root, size=4)
+    assert ds.vocab == ["cat", "dog"]
+    assert [f.relative_to(root).as_posix() for f in ds.files] == [
+        "cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
+    assert ds.labels == [0, 0, 1, 1]
+    assert torch.equal(ds[1][0], ImageFolder(stored, size=4)[1][0])  # cats/1.png itself
+
+
+def test_symlink_loops_end_and_each_image_appears_once(tmp_path):
+    root = tmp_path / "data"
+    (root / "a").mkdir(parents=True)
+    _noise(root / "a" / "0.png", 0)
+    _symlink(root / "a" / "up", root)  # to an ancestor
+    _symlink(root / "a" / "again", root / "a")  # to itself
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    _noise(outside / "1.png", 1)
+    _symlink(root / "b", outside)
+    _symlink(outside / "back", root)  # a loop through a linked folder
+    ds = ImageFolder(root)
+    assert ds.vocab == ["a", "b"]
+    assert [f.relative_to(root).as_posix() for f in ds.files] == ["a/0.png", "b/1.png"]
 
 
 def test_split_by_folder_and_by_percentage(folder):

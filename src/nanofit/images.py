@@ -22,23 +22,25 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def image_files(path: str | Path) -> list[Path]:
-    """Every image file under `path`, recursively, in a stable (sorted) order."""
+    """Every image file under `path`, recursively and through symlinks, in a stable (sorted)
+    order. A symlink back to a folder on its own path (a loop) is not followed."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"image folder {str(path)!r} does not exist or is not a folder")
-    return sorted(p for p in path.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def _readable(file: Path) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(file) as im:
-            im.verify()
-        return True
-    except Exception:
-        return False
+    # the real folders on the way down to each folder: a link to one of them is a loop
+    ancestors = {str(path): {os.path.realpath(path)}}
+    files: list[Path] = []
+    for folder, subfolders, names in os.walk(path, followlinks=True):
+        above = ancestors.pop(folder)
+        keep = []
+        for name in subfolders:
+            real = os.path.realpath(os.path.join(folder, name))
+            if real not in above:
+                keep.append(name)
+                ancestors[os.path.join(folder, name)] = above | {real}
+        subfolders[:] = keep
+        files += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(f for f in files if f.is_file())
 
 
 class ImageFolder(Dataset):
@@ -56,13 +58,16 @@ class ImageFolder(Dataset):
                  skip_bad: bool = False, vocab: Sequence[str] | None = None) -> None:
         self.path = Path(path)
         self.files = [Path(f) for f in files] if files is not None else image_files(self.path)
-        if skip_bad:
-            bad = [f for f in self.files if not _readable(f)]
+        self.size = (size, size) if isinstance(size, int) else size
+        self.mode = mode
+        if skip_bad:  # each file read in full by load: PIL's verify() misses truncated data
+            bad = [f for f in self.files if not self._loads(f)]
             if bad:
                 warnings.warn(f"ImageFolder: skipping {len(bad)} unreadable file(s): "
                               f"{', '.join(str(f) for f in bad[:5])}"
                               f"{' ...' if len(bad) > 5 else ''}")
-                self.files = [f for f in self.files if f not in set(bad)]
+                skipped = set(bad)
+                self.files = [f for f in self.files if f not in skipped]
         if not self.files:
             raise ValueError(f"ImageFolder found no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) "
                              f"under {str(self.path)!r}")
@@ -73,8 +78,6 @@ class ImageFolder(Dataset):
         if unknown:
             raise ValueError(f"ImageFolder: classes {unknown} are not in the vocab {self.vocab}")
         self.labels = [self.o2i[f.parent.name] for f in self.files]
-        self.size = (size, size) if isinstance(size, int) else size
-        self.mode = mode
 
     def __len__(self) -> int:
         return len(self.files)
@@ -95,6 +98,13 @@ class ImageFolder(Dataset):
         t = torch.from_numpy(arr.copy())
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
         return t.float().div_(255)
+
+    def _loads(self, file: Path) -> bool:
+        try:
+            self.load(file)
+            return True
+        except Exception:  # whatever load (or a subclass's) fails on
+            return False
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.load(self.files[i]), self.labels[i]

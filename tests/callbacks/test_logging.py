@@ -1,6 +1,8 @@
 """CSVLogger, TensorBoardCB, ProfileCB, CompileCB."""
 import csv
 import io
+import os
+import threading
 
 import pytest
 import torch
@@ -8,11 +10,14 @@ import torch.nn.functional as F
 
 from nanofit import (
     ActivationStats,
+    Callback,
+    CancelFitException,
     CheckpointCB,
     CompileCB,
     CSVLogger,
     Learner,
     MetricsCB,
+    Order,
     ProfileCB,
     ProgressCB,
     TensorBoardCB,
@@ -56,6 +61,46 @@ def test_tensorboard_event_file(tmp_path):
     assert {"train/batch_loss", "train/loss", "valid/loss"} <= set(tags["scalars"])
     assert len(acc.Scalars("train/batch_loss")) == 10  # 5 batches x 2 epochs
     assert any(t.startswith("activations/") for t in tags["histograms"])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files with /proc")
+def test_csv_logger_holds_no_open_file(tmp_path):
+    path = tmp_path / "history.csv"
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MetricsCB(), CSVLogger(path)])
+    learn.fit(2)
+    open_files = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            open_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    assert path.exists() and os.path.realpath(path) not in open_files
+
+
+def test_tensorboard_closes_its_writer_and_later_fits_go_on(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy,
+                    cbs=[MetricsCB(), TensorBoardCB(tmp_path)])
+    threads = set(threading.enumerate())
+    learn.fit(1)
+    assert not set(threading.enumerate()) - threads  # the writer's thread is gone
+    learn.fit(2)
+
+    class StopAtThirdBatch(Callback):
+        order = Order.LOGGER + 1
+
+        def after_batch(self, learn):
+            if learn.iter == 2:
+                raise CancelFitException()
+
+    learn.fit(1, cbs=[StopAtThirdBatch()])  # the losses of a cancelled epoch are written too
+    assert not set(threading.enumerate()) - threads
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 3  # one per fit, one run
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/batch_loss")] == list(range(18))  # 5 + 10 + 3
+    assert len(acc.Scalars("valid/loss")) == 3
 
 
 def test_profile_table_lists_every_callback_that_ran():

@@ -170,3 +170,22 @@ def test_reduce_lr_on_plateau_steps_on_the_validation_metric():
     learn2 = Learner(make_model(), make_dls(), F.cross_entropy)
     with pytest.raises(ValueError, match="add a MetricsCB"):
         learn2.fit(1, cbs=[EpochSchedCB(plateau)])
+
+
+def test_reused_schedule_callbacks_sit_out_a_validation_only_fit():
+    from torch.optim.lr_scheduler import OneCycleLR
+
+    from nanofit import sched_cos
+
+    # The course passes the same callbacks to every fit; a validation-only fit comes first.
+    cbs = [BatchSchedCB(partial(OneCycleLR, max_lr=0.5, total_steps=5)),
+           ParamScheduler(mom=sched_cos(0.9, 0.8))]
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, cbs=cbs,
+                    opt_func=partial(torch.optim.SGD, momentum=0.9))
+    learn.fit(1, train=False)  # before any training: no optimizer needed, nothing scheduled
+    assert learn.opt is None
+    learn.create_opt()
+    learn.fit(1, train=False)  # with an optimizer: its rate and momentum stay as they are
+    assert learn.opt.lr == 0.1 and learn.opt.mom == 0.9
+    learn.fit(1)  # training builds the scheduler and follows it
+    assert learn.opt.lr != 0.1 and learn.opt.mom != 0.9

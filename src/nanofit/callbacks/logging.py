@@ -57,7 +57,8 @@ class CSVLogger(Callback):
 class TensorBoardCB(Callback):
     """Logs to TensorBoard in `log_dir`: the training loss per batch, every MetricsCB value per
     epoch, and, with ActivationStats, each hooked layer's activation histogram per epoch.
-    Needs the `tensorboard` package. Losses are read from the device once per epoch."""
+    Needs the `tensorboard` package. Losses are read from the device once per epoch. The
+    writer is open during a fit only; a later fit appends to the same run."""
 
     order = Order.LOGGER
     main_fit_only = True
@@ -74,6 +75,8 @@ class TensorBoardCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
+        # a new event file in the same log_dir: TensorBoard shows the fits as one run, and
+        # self.step goes on counting batches
         if is_rank0() and self.writer is None:
             self.writer = SummaryWriter(str(self.log_dir))
 
@@ -84,11 +87,8 @@ class TensorBoardCB(Callback):
     def after_epoch(self, learn: Learner) -> None:
         if self.writer is None:
             return
-        if learn.training and self._losses:
-            for value in torch.stack(self._losses).float().cpu().tolist():
-                self.writer.add_scalar("train/batch_loss", value, self.step)
-                self.step += 1
-            self._losses = []
+        if learn.training:
+            self._write_losses()
         metrics = learn.metrics
         if _epoch_done(learn) and metrics is not None:
             for key, value in metrics.epoch_row(learn.epoch).items():
@@ -96,6 +96,13 @@ class TensorBoardCB(Callback):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, learn.epoch)
             self._histograms(learn)
             self.writer.flush()
+
+    def _write_losses(self) -> None:
+        if self._losses:
+            losses, self._losses = self._losses, []
+            for value in torch.stack(losses).float().cpu().tolist():
+                self.writer.add_scalar("train/batch_loss", value, self.step)
+                self.step += 1
 
     def _histograms(self, learn: Learner) -> None:
         stats = next((cb for cb in learn.cbs  # an ActivationStats, found by what it offers
@@ -119,5 +126,12 @@ class TensorBoardCB(Callback):
                 global_step=learn.epoch)
 
     def cleanup_fit(self, learn: Learner) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        # closing stops the writer's thread; the next fit opens a new writer
+        if self.writer is None:
+            return
+        try:
+            self._write_losses()  # those of an epoch that was cancelled or failed
+        finally:
+            self.writer.close()
+            self.writer = None
+            self._losses = []

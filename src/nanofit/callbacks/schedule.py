@@ -21,7 +21,8 @@ class ParamScheduler(Callback):
     """Sets hyper-parameters (lr, mom, wd, beta) from schedules before each training batch.
 
     Each schedule is a function of `pct_train = (epoch + iter / len(dl)) / n_epochs`, or a list
-    of such functions, one per param group. Validation batches do not advance it.
+    of such functions, one per param group. Validation batches do not advance it, and a fit
+    without training (`fit(train=False)`) leaves the optimizer alone.
     Example: `ParamScheduler(lr=sched_cos(1e-2, 1e-5), mom=sched_no(0.9, 0.9))`
     """
 
@@ -38,27 +39,36 @@ class ParamScheduler(Callback):
                 raise TypeError(f"ParamScheduler: the schedule for {name!r} must be a function of "
                                 f"training progress (or a list of them), got {sched!r}")
         self.scheds = scheds
+        self._plan: list[tuple[Any, Any]] | None = None
 
     def before_fit(self, learn: Learner) -> None:
+        self._plan = None  # resolved when training starts: a validation-only fit needs none
+
+    def before_epoch(self, learn: Learner) -> None:
+        if learn.training and self._plan is None:
+            self._resolve(learn)
+
+    def _resolve(self, learn: Learner) -> None:
         if learn.opt is None:
             raise ValueError("ParamScheduler needs an optimizer: it schedules learn.opt's "
-                             "hyper-parameters, and fit(train=False) makes none")
+                             "hyper-parameters; pass opt_func= to the Learner")
         if not hasattr(learn.dls.train, "__len__"):
             raise ValueError("ParamScheduler needs a training loader with a length (len(dl)) "
                              "to know how far through training each batch is")
         n_groups = len(learn.opt.param_groups)
-        self._plan = []  # (one schedule or a list per group, put), resolved once, not per batch
+        plan = []  # (one schedule or a list per group, put), resolved once, not per batch
         for name, sched in self.scheds.items():
             _, put = hyper_access(learn.opt, name)
             if isinstance(sched, (list, tuple)) and len(sched) != n_groups:
                 raise ValueError(f"ParamScheduler: {len(sched)} schedules for {name!r} but the "
                                  f"optimizer has {n_groups} param groups")
-            self._plan.append((sched, put))
+            plan.append((sched, put))
+        self._plan = plan
 
     def before_batch(self, learn: Learner) -> None:
         if not learn.training:
             return
-        assert learn.opt is not None  # checked at before_fit
+        assert learn.opt is not None and self._plan is not None  # resolved at before_epoch
         pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
         groups = learn.opt.param_groups
         for sched, put in self._plan:
@@ -66,7 +76,7 @@ class ParamScheduler(Callback):
                 for group, f in zip(groups, sched):
                     put(group, f(pos))
             else:
-                value = sched(pos)  # type: ignore[operator]  # one schedule for every group
+                value = sched(pos)  # one schedule for every group
                 for group in groups:
                     put(group, value)
 
@@ -87,19 +97,37 @@ class _TorchSchedCB(Callback):
                             f"max_lr=0.1, total_steps=1000); got {sched!r}")
         self.sched = sched
         self.scheduler: Any = None
+        self._state: dict[str, Any] | None = None  # restored before the scheduler is built
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+        if self.scheduler is None:
+            return {"scheduler": self._state}
+        return {"scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        self._state = state["scheduler"]
+        if self.scheduler is not None and self._state is not None:
+            self.scheduler.load_state_dict(self._state)
 
     def before_fit(self, learn: Learner) -> None:
+        # Built when training starts: a torch scheduler sets the lr as it is made, and a
+        # validation-only fit must neither need an optimizer nor change its rate.
+        self.scheduler, self._state = None, None
+
+    def before_epoch(self, learn: Learner) -> None:
+        if learn.training and self.scheduler is None:
+            self._build(learn)
+
+    def _build(self, learn: Learner) -> None:
         if hasattr(self.sched, "step"):  # an LRScheduler instance, used as is
             self.scheduler = self.sched
-        else:  # a factory: built here on the learner's (torch) optimizer
+        else:  # a factory: built on the learner's (torch) optimizer
+            if learn.opt is None:
+                raise ValueError(f"{type(self).__name__} needs an optimizer to schedule; pass "
+                                 "opt_func= to the Learner")
             self.scheduler = self.sched(_torch_optimizer(learn))
+        if self._state is not None:  # a resumed run: continue where the schedule stood
+            self.scheduler.load_state_dict(self._state)
 
 
 class BatchSchedCB(_TorchSchedCB):
@@ -126,14 +154,16 @@ class EpochSchedCB(_TorchSchedCB):
         super().__init__(sched)
         self.monitor = monitor
 
-    def before_fit(self, learn: Learner) -> None:
-        super().before_fit(learn)
+    def _build(self, learn: Learner) -> None:
+        super()._build(learn)
         self.on_metric = isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         if self.on_metric and learn.metrics is None:
             raise ValueError("EpochSchedCB with ReduceLROnPlateau steps on a validation metric: "
                              f"add a MetricsCB to cbs (monitor={self.monitor!r})")
 
     def after_epoch(self, learn: Learner) -> None:
+        if self.scheduler is None:  # no training yet in this fit
+            return
         if not self.on_metric:
             if learn.training:
                 self.scheduler.step()
