@@ -1,10 +1,12 @@
 """Hyper-parameters by name over torch optimizers, param groups, freezing."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import HPOptimizer, Learner, get_hyper, set_hyper
+from nanofit import Callback, HPOptimizer, Learner, get_hyper, set_hyper
 from tests.helpers import make_dls, make_model
 
 
@@ -130,3 +132,88 @@ def test_freeze_keeps_batchnorm_trainable_unless_asked():
     assert model[2].weight.requires_grad
     learn.freeze(train_bn=False)
     assert not model[1].weight.requires_grad and not model[1].bias.requires_grad
+
+
+def test_learn_opt_is_a_real_torch_optimizer_that_torch_schedulers_drive():
+    from torch.optim.lr_scheduler import CosineAnnealingLR, ExponentialLR
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1)
+    learn.create_opt()
+    opt = learn.opt
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, torch.optim.SGD)
+    assert type(opt).__name__ == "SGD" and opt.opt is opt  # learn.opt.opt still works
+    sched = ExponentialLR(opt, gamma=0.5)  # the course's schedulers, on learn.opt itself
+    opt.step()
+    sched.step()
+    assert opt.lr == pytest.approx(0.05)
+    CosineAnnealingLR(opt, 100)
+
+    class CourseBatchSchedCB(Callback):  # miniai's BaseSchedCB/BatchSchedCB, unchanged
+        def __init__(self, sched):
+            self.sched = sched
+
+        def before_fit(self, learn):
+            self.schedo = self.sched(learn.opt)
+
+        def after_batch(self, learn):
+            if learn.training:
+                self.schedo.step()
+
+    learn = Learner(make_model(), make_dls(n_train=16), F.cross_entropy, lr=0.1,
+                    cbs=[CourseBatchSchedCB(partial(ExponentialLR, gamma=0.5))])
+    learn.fit(1)
+    assert learn.opt.lr == pytest.approx(0.1 * 0.5**2)
+
+
+class CourseSGD:
+    """The course's hand-written SGD: no param_groups, no set_to_none."""
+
+    def __init__(self, params, lr, wd=0.0):
+        self.params, self.lr, self.wd, self.i = list(params), lr, wd, 0
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                if self.wd != 0:
+                    p *= 1 - self.lr * self.wd
+                p -= p.grad * self.lr
+        self.i += 1
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad.data.zero_()
+
+
+class CourseMomentum(CourseSGD):
+    def __init__(self, params, lr, wd=0.0, mom=0.9):
+        super().__init__(params, lr=lr, wd=wd)
+        self.mom = mom
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                if not hasattr(p, "grad_avg"):
+                    p.grad_avg = torch.zeros_like(p.grad)
+                p.grad_avg = p.grad_avg * self.mom + p.grad * (1 - self.mom)
+                p -= self.lr * p.grad_avg
+        self.i += 1
+
+
+@pytest.mark.parametrize("opt_func", [CourseSGD, CourseMomentum])
+def test_hand_written_course_optimizers_train_and_show(opt_func):
+    from nanofit import MetricsCB, Recorder, sched_lin
+    from nanofit.callbacks import ParamScheduler
+
+    rec, sched = Recorder(), ParamScheduler(lr=sched_lin(0.1, 0.01))
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, opt_func=opt_func,
+                    cbs=[MetricsCB(), rec, sched])
+    learn.fit(2)
+    assert learn.opt.i == 10 and repr(learn.opt)  # it stepped; showing it works
+    assert rec.lrs[0] == pytest.approx(0.1) and rec.lrs[-1] < 0.1  # scheduled by name
+    losses = [r["loss"] for r in learn.metrics.history if r["train"] == "train"]
+    assert losses[-1] < losses[0]
+    learn.rm_cb(sched)
+    learn.fit(1, lr=0.05)  # fit(lr=) sets its attribute
+    assert learn.opt.lr == 0.05 and get_hyper(learn.opt, "lr") == 0.05
+    if opt_func is CourseMomentum:
+        assert learn.opt.mom == 0.9 and get_hyper(learn.opt, "mom") == 0.9

@@ -30,7 +30,7 @@ from .callbacks.lr_find import LRFinderCB
 from .callbacks.metrics import MetricsCB, Recorder
 from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error
 from .hooks import learner_summary
-from .optim import HPOptimizer, set_hyper
+from .optim import HPOptimizer, set_hyper, with_hypers
 
 __all__ = ["Learner"]
 
@@ -258,12 +258,13 @@ class Learner:
     # ---- the optimizer ------------------------------------------------------------------------
     @property
     def opt(self) -> HPOptimizer | None:
-        """The optimizer (made by the first fit), with lr/mom/wd/beta by name; None resets it."""
+        """The torch optimizer (made by the first fit), with lr/mom/wd/beta by name
+        (`HPOptimizer`); one you assign gets them too. None makes the next fit build one."""
         return self._opt
 
     @opt.setter
     def opt(self, opt: Any) -> None:
-        self._opt = None if opt is None else HPOptimizer(opt)
+        self._opt = with_hypers(opt)
 
     def _prepare_opt(self, lr: float | Sequence[float] | None) -> None:
         if self.opt is None:

@@ -19,9 +19,9 @@ from torch import nn
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["ScalerSteps", "check_lr", "freeze_groups", "create_opt", "splits", "freeze",
-           "unfreeze", "freeze_to", "param_groups", "make_optimizer", "HYPERS", "HPOptimizer",
-           "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+__all__ = ["ScalerSteps", "with_hypers", "groups", "check_lr", "freeze_groups", "create_opt",
+           "splits", "freeze", "unfreeze", "freeze_to", "param_groups", "make_optimizer", "HYPERS",
+           "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -52,27 +52,32 @@ def _beta(i: int) -> tuple[Getter, Setter]:
     return get, put
 
 
+def groups(opt: Any) -> list[dict]:
+    """The dicts holding an optimizer's hyper-parameters: a torch optimizer's param groups, or
+    the attributes of a hand-written one (the course's SGD keeps `self.lr`, `self.wd`)."""
+    return opt.param_groups if hasattr(opt, "param_groups") else [vars(opt)]
+
+
 def _accessor(opt: Any, name: str) -> tuple[Getter, Setter] | None:
     """How to read and write hyper-parameter `name` in this optimizer's param groups."""
-    group = opt.param_groups[0]
+    group = groups(opt)[0]
     if name == "lr":
         return _key("lr") if "lr" in group else None
     if name == "wd":
-        return _key("weight_decay") if "weight_decay" in group else None
+        key = next((k for k in ("weight_decay", "wd") if k in group), None)
+        return _key(key) if key else None
     if name == "mom":
-        if "momentum" in group:
-            return _key("momentum")
+        if "momentum" in group or "mom" in group:
+            return _key("momentum" if "momentum" in group else "mom")
         return _beta(0) if "betas" in group else None
     if name == "beta":
         if "betas" in group:
             return _beta(1)
+        if "sqr_mom" in group:  # the course's RMSProp and Adam
+            return _key("sqr_mom")
         # RMSprop's alpha is its squared-gradient average, as Adam's betas[1]; ASGD's alpha is not.
-        return _key("alpha") if isinstance(_raw(opt), torch.optim.RMSprop) else None
+        return _key("alpha") if isinstance(opt, torch.optim.RMSprop) else None
     raise ValueError(f"unknown hyper-parameter {name!r}; nanofit names: {', '.join(HYPERS)}")
-
-
-def _raw(opt: Any) -> Any:
-    return opt.opt if isinstance(opt, HPOptimizer) else opt
 
 
 def supported_hypers(opt: Any) -> list[str]:
@@ -84,7 +89,7 @@ def hyper_access(opt: Any, name: str) -> tuple[Getter, Setter]:
     """(get, put) functions for `name` on one param group; raises if `opt` lacks it."""
     acc = _accessor(opt, name)
     if acc is None:
-        raise AttributeError(f"{type(_raw(opt)).__name__} has no hyper-parameter {name!r}; "
+        raise AttributeError(f"{type(opt).__name__} has no hyper-parameter {name!r}; "
                              f"it supports: {', '.join(supported_hypers(opt))}")
     return acc
 
@@ -92,7 +97,7 @@ def hyper_access(opt: Any, name: str) -> tuple[Getter, Setter]:
 def get_hyper(opt: Any, name: str) -> float | list[float]:
     """Read `name` from every param group: one float if all agree, else a list per group."""
     get, _ = hyper_access(opt, name)
-    values = [get(g) for g in opt.param_groups]
+    values = [get(g) for g in groups(opt)]
     values = [v.item() if isinstance(v, torch.Tensor) else v for v in values]
     return values[0] if all(v == values[0] for v in values) else values
 
@@ -100,55 +105,47 @@ def get_hyper(opt: Any, name: str) -> float | list[float]:
 def set_hyper(opt: Any, name: str, value: float | Sequence[float]) -> None:
     """Write `name` to every param group, or one value per group from a list/tuple."""
     _, put = hyper_access(opt, name)
-    groups = opt.param_groups
+    dicts = groups(opt)
     if isinstance(value, (list, tuple)):
-        if len(value) != len(groups):
+        if len(value) != len(dicts):
             raise ValueError(f"{name}: got {len(value)} values {list(value)} for "
-                             f"{len(groups)} param groups; give one value per group, or one number")
-        for group, v in zip(groups, value):
+                             f"{len(dicts)} param groups; give one value per group, or one number")
+        for group, v in zip(dicts, value):
             put(group, float(v))
     else:
         one = float(value)  # type: ignore[arg-type]  # a number: lists were handled above
-        for group in groups:
+        for group in dicts:
             put(group, one)
 
 
-class HPOptimizer:
-    """A torch optimizer with `lr`, `mom`, `wd` and `beta` readable and settable by name.
+class HPOptimizer(torch.optim.Optimizer):
+    """`lr`, `mom`, `wd` and `beta` by name on a torch optimizer that stays itself.
 
-    `opt.lr = 1e-3` sets every param group; `opt.lr = [1e-5, 1e-3]` sets one per group.
-    `step`, `zero_grad`, `state_dict`, `load_state_dict`, `param_groups` and `state` are the
-    wrapped optimizer's; the torch optimizer itself is `opt.opt` (give that to torch's
-    lr schedulers and grad scalers).
+    `learn.opt` is the optimizer `opt_func` made, its class extended with these names (the
+    class keeps its name, and `isinstance(learn.opt, torch.optim.SGD)` still holds), so torch's
+    lr schedulers, GradScaler and accelerate take it as it is. `opt.lr = 1e-3` sets every param
+    group; `opt.lr = [1e-5, 1e-3]` one per group. `HPOptimizer(opt)` extends an optimizer you
+    made and returns it. An optimizer that is not a torch one (the course's hand-written SGD)
+    is used as it is; `get_hyper`/`set_hyper` then read and write its attributes.
     """
 
-    def __init__(self, opt: torch.optim.Optimizer) -> None:
-        if isinstance(opt, HPOptimizer):
-            opt = opt.opt
-        self.opt = opt
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is HPOptimizer:  # HPOptimizer(opt): extend that optimizer and return it
+            if len(args) != 1 or kwargs or not isinstance(args[0], torch.optim.Optimizer):
+                raise TypeError("HPOptimizer(opt) takes one torch optimizer to give "
+                                "lr/mom/wd/beta by name")
+            return with_hypers(args[0])
+        return super().__new__(cls)  # an extended class built directly, copied or loaded
 
-    def step(self, closure: Callable | None = None) -> Any:
-        return self.opt.step(closure) if closure is not None else self.opt.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.opt.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        return self.opt.state_dict()
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.opt.load_state_dict(state_dict)
-
-    def add_param_group(self, group: dict) -> None:
-        self.opt.add_param_group(group)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args and args[0] is self:  # HPOptimizer(opt) gave back opt itself: nothing to do
+            return
+        super().__init__(*args, **kwargs)
 
     @property
-    def param_groups(self) -> list[dict]:
-        return self.opt.param_groups
-
-    @property
-    def state(self) -> Any:
-        return self.opt.state
+    def opt(self) -> HPOptimizer:
+        """The optimizer itself (`learn.opt.opt` used to name the wrapped one)."""
+        return self
 
     @property
     def hypers(self) -> list[str]:
@@ -165,9 +162,22 @@ class HPOptimizer:
                     lambda self, v: set_hyper(self, "beta", v),
                     doc="Second moment average (betas[1] for the Adam family, RMSprop's alpha).")
 
-    def __repr__(self) -> str:
-        values = ", ".join(f"{n}={get_hyper(self, n)}" for n in self.hypers)
-        return f"HPOptimizer({type(self.opt).__name__}: {values})"
+
+_EXTENDED: dict[type, type] = {}
+
+
+def with_hypers(opt: Any) -> Any:
+    """`opt`, with lr/mom/wd/beta by name when it is a torch optimizer (its class extended by
+    HPOptimizer, once per optimizer class); any other optimizer object as it is."""
+    if isinstance(opt, HPOptimizer) or not isinstance(opt, torch.optim.Optimizer):
+        return opt
+    cls = type(opt)
+    if cls not in _EXTENDED:
+        _EXTENDED[cls] = type(cls.__name__, (HPOptimizer, cls),
+                              {"__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                               "__doc__": cls.__doc__})
+    opt.__class__ = _EXTENDED[cls]
+    return opt
 
 
 class ScalerSteps:
@@ -253,16 +263,16 @@ def param_groups(model: nn.Module, splitter: Callable | None) -> list[list[nn.Pa
 
 
 def make_optimizer(opt_func: Callable, model: nn.Module, splitter: Callable | None,
-                   lr: float | Sequence[float]) -> HPOptimizer:
-    """`opt_func(params, lr=...)` wrapped as an HPOptimizer; with a splitter, one param group
-    per split, and `lr` may be a list with one rate per group."""
+                   lr: float | Sequence[float]) -> Any:
+    """`opt_func(params, lr=...)` with lr/mom/wd/beta by name (`with_hypers`); with a
+    splitter, one param group per split, and `lr` may be a list with one rate per group."""
     lrs = list(lr) if isinstance(lr, (list, tuple)) else None
     first = lrs[-1] if lrs else lr
     if splitter is None:
-        opt = HPOptimizer(opt_func(model.parameters(), lr=first))
+        opt = with_hypers(opt_func(model.parameters(), lr=first))
     else:
-        groups = [{"params": g} for g in param_groups(model, splitter)]
-        opt = HPOptimizer(opt_func(groups, lr=first))
+        split = [{"params": g} for g in param_groups(model, splitter)]
+        opt = with_hypers(opt_func(split, lr=first))
     if lrs:
         set_hyper(opt, "lr", lrs)
     return opt

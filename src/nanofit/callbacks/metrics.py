@@ -5,12 +5,13 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..callback import Callback, Order
 from ..distributed import is_distributed
-from ..optim import hyper_access, supported_hypers
+from ..optim import groups, hyper_access, supported_hypers
 from ..plots import plot_loss, plot_sched
 
 if TYPE_CHECKING:
@@ -20,9 +21,12 @@ __all__ = ["MetricsCB", "Recorder"]
 
 
 def _to_python(value: Any) -> Any:
-    """A metric's result as plain Python: a float for one number, else a (nested) list."""
+    """A metric's result as plain Python: a float for one number, else a (nested) list.
+    Tensors and NumPy values (a hand-written metric's) alike."""
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.detach().cpu().tolist()
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.item() if value.size == 1 else value.tolist()
     return value
 
 
@@ -298,8 +302,8 @@ class Recorder(Callback):
         if not learn.training:
             return
         self._pending.append(learn.loss.detach())
-        assert learn.opt is not None  # training batches have one
-        group = learn.opt.param_groups[-1]
+        group = groups(learn.opt)[-1]  # the head's; read each batch (load_state_dict
+        # replaces the list), from a hand-written optimizer's fields too
         for values, get in self._getters:
             v = get(group)
             values.append(v.detach().clone() if isinstance(v, torch.Tensor) else v)

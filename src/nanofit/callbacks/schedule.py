@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..callback import Callback, Order
-from ..optim import HPOptimizer, check_lr, hyper_access
+from ..optim import HPOptimizer, check_lr, groups, hyper_access
 from ..schedule import Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class ParamScheduler(Callback):
         if not hasattr(learn.dls.train, "__len__"):
             raise ValueError("ParamScheduler needs a training loader with a length (len(dl)) "
                              "to know how far through training each batch is")
-        n_groups = len(learn.opt.param_groups)
+        n_groups = len(groups(learn.opt))
         plan = []  # (one schedule or a list per group, put), resolved once, not per batch
         for name, sched in self.scheds.items():
             _, put = hyper_access(learn.opt, name)
@@ -70,14 +70,14 @@ class ParamScheduler(Callback):
             return
         assert learn.opt is not None and self._plan is not None  # resolved at before_epoch
         pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
-        groups = learn.opt.param_groups
+        dicts = groups(learn.opt)  # param groups, or a hand-written optimizer's fields
         for sched, put in self._plan:
             if isinstance(sched, (list, tuple)):
-                for group, f in zip(groups, sched):
+                for group, f in zip(dicts, sched):
                     put(group, f(pos))
             else:
                 value = sched(pos)  # one schedule for every group
-                for group in groups:
+                for group in dicts:
                     put(group, value)
 
 
