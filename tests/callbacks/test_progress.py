@@ -89,5 +89,43 @@ def test_header_grows_when_a_later_epoch_has_more_columns():
     learn.fit(2)
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["epoch", "valid_loss", "time"]
-    assert lines[2].split() == ["epoch", "valid_loss", "train_loss", "time"]
+    # the grown header keeps the table's order: training columns before validation ones
+    assert lines[2].split() == ["epoch", "train_loss", "valid_loss", "time"]
     assert len(lines[3].split()) == 4
+
+
+def test_callbacks_reused_across_learners_and_fits_show_only_their_fit():
+    # The course passes one list of callbacks to every learner and fit.
+    out = io.StringIO()
+    metrics, progress = MetricsCB(), ProgressCB(file=out)
+    first = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[metrics, progress])
+    first.fit(1)
+    second = Learner(make_model(seed=1), make_dls(), F.cross_entropy, cbs=[metrics, progress])
+    out.seek(0)
+    out.truncate()
+    second.fit(1, valid=False)  # no validation: no valid_loss, not the first learner's
+    assert out.getvalue().splitlines()[0].split() == ["epoch", "train_loss", "time"]
+    out.seek(0)
+    out.truncate()
+    second.fit(1, train=False)  # validation only: no train_loss from the fit before
+    assert out.getvalue().splitlines()[0].split() == ["epoch", "valid_loss", "time"]
+
+
+def test_metricscb_as_the_course_subclasses_it():
+    logged = []
+
+    class WandBLikeCB(MetricsCB):  # the course's W&B callback overrides _log
+        def _log(self, d):
+            logged.append(dict(d))
+
+    metrics = WandBLikeCB()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[metrics])
+    learn.fit(2)
+    assert [(d["epoch"], d["train"]) for d in logged] == [
+        (0, "train"), (0, "eval"), (1, "train"), (1, "eval")]  # once per phase
+    assert set(metrics.all_metrics) == {"loss"} and metrics.all_metrics["loss"] is metrics.loss
+    assert float(metrics.loss.compute()) == pytest.approx(logged[-1]["loss"])
+    seen = []
+    learn.metrics._log = seen.append  # the course's ProgressCB replaces it on the instance
+    learn.fit(1)
+    assert len(seen) == 2

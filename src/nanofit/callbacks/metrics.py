@@ -67,6 +67,19 @@ def _shape(x: Any) -> str:
     return f"type {type(x).__name__}"
 
 
+class PhaseLoss:
+    """The current phase's batch-size-weighted mean loss as a metric object: `compute()`."""
+
+    def __init__(self, metrics: MetricsCB) -> None:
+        self._metrics = metrics
+
+    def compute(self) -> torch.Tensor:
+        return torch.as_tensor(self._metrics.mean_loss())
+
+    def reset(self) -> None:
+        """MetricsCB resets the running totals itself at each phase's start."""
+
+
 class MetricsCB(Callback):
     """Computes metrics and the batch-size-weighted mean loss for every epoch phase.
 
@@ -109,6 +122,8 @@ class MetricsCB(Callback):
         self.update_every = update_every
         self.max_buffered = max_buffered
         self.history: list[dict[str, Any]] = []
+        self.loss = PhaseLoss(self)  # the course's `metrics.loss`: the phase's mean loss
+        self._fit_start = 0  # where this fit's records start in history
         self._checked = False
         self._clear_buffers()
         self._reset_totals()
@@ -127,6 +142,7 @@ class MetricsCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         learn.metrics = self
         self._checked = False
+        self._fit_start = len(self.history)
 
     def before_epoch(self, learn: Learner) -> None:
         for m in self.metrics.values():
@@ -193,6 +209,13 @@ class MetricsCB(Callback):
 
         Under torch.distributed the loss is the sample-weighted mean over all ranks and
         torchmetrics metrics sync their states, so every rank gets the same numbers."""
+        values = {"loss": _to_python(self.mean_loss())}
+        for name, m in self.metrics.items():
+            values[name] = _to_python(m.compute())
+        return values
+
+    def mean_loss(self) -> Any:
+        """The batch-size-weighted mean loss of the current phase (over all ranks)."""
         self.flush()
         loss_sum, count = self._loss_sum, self._count
         if is_distributed():
@@ -203,11 +226,7 @@ class MetricsCB(Callback):
             loss_sum, n = total[0].item(), total[1].item()
         else:
             n = count
-        loss = loss_sum / n if n else float("nan")
-        values = {"loss": _to_python(loss)}
-        for name, m in self.metrics.items():
-            values[name] = _to_python(m.compute())
-        return values
+        return loss_sum / n if n else float("nan")
 
     def after_epoch(self, learn: Learner) -> None:
         record = {"epoch": learn.epoch, "train": "train" if learn.training else "eval"}
@@ -215,6 +234,17 @@ class MetricsCB(Callback):
         if is_distributed():
             _check_same_keys(record)
         self.history.append(record)
+        self._log(record)
+
+    def _log(self, record: dict[str, Any]) -> None:
+        """Called with each phase's record, once per phase. Nothing by default (ProgressCB and
+        the loggers show the records); the course's subclasses override it (a W&B logger) or
+        replace it (`learn.metrics._log = ...`), as in miniai."""
+
+    @property
+    def all_metrics(self) -> dict[str, Any]:
+        """The metrics and the loss by name, each with `compute()`, as the course's MetricsCB."""
+        return {**self.metrics, "loss": self.loss}
 
     def cleanup_epoch(self, learn: Learner) -> None:
         self._clear_buffers()  # a cancelled or failed phase must not hold on to its tensors
@@ -224,7 +254,7 @@ class MetricsCB(Callback):
         ...}: the format of the progress table, CSVLogger and TensorBoardCB."""
         row: dict[str, Any] = {"epoch": epoch}
         latest: list[dict[str, Any]] = []
-        for record in reversed(self.history):  # this fit's phases of that epoch, not older ones
+        for record in reversed(self.history[self._fit_start:]):  # this fit's, not older ones
             if record["epoch"] != epoch or any(r["train"] == record["train"] for r in latest):
                 break
             latest.insert(0, record)
@@ -241,7 +271,8 @@ class MetricsCB(Callback):
         loss_sum = self._loss_sum
         if isinstance(loss_sum, torch.Tensor):
             loss_sum = loss_sum.detach().clone()
-        return {"history": copy.deepcopy(self.history), "loss_sum": loss_sum,
+        return {"history": copy.deepcopy(self.history), "fit_start": self._fit_start,
+                "loss_sum": loss_sum,
                 "count": self._count, "checked": self._checked,
                 "pending": {"preds": list(self._preds), "targs": list(self._targs),
                             "losses": list(self._losses), "ns": list(self._ns),
@@ -250,6 +281,7 @@ class MetricsCB(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = copy.deepcopy(state["history"])
+        self._fit_start = state.get("fit_start", 0)
         self._loss_sum, self._count = state.get("loss_sum", 0.0), state.get("count", 0)
         self._checked = state.get("checked", self._checked)
         pending = state.get("pending")

@@ -38,6 +38,22 @@ def _fmt_time(seconds: float) -> str:
     return f"{minutes:02d}:{secs:02d}"
 
 
+def _in_table_order(columns: list[str], learn: Learner) -> list[str]:
+    """epoch, the training columns, the validation columns, time; within a phase the loss
+    first, then the metrics in the order MetricsCB got them: the same order in every fit."""
+    names = ["loss", *learn.metrics.metrics] if learn.metrics is not None else []
+
+    def key(column: str) -> tuple[int, int]:
+        phase, _, name = column.partition("_")
+        if column in ("epoch", "time"):
+            return (0 if column == "epoch" else 3, 0)
+        if phase in ("train", "valid"):
+            return (1 if phase == "train" else 2,
+                    names.index(name) if name in names else len(names))
+        return (2, len(names) + 1)
+    return sorted(dict.fromkeys(columns), key=key)  # stable: unknown names keep their order
+
+
 class ProgressCB(Callback):
     """Shows progress over epochs and batches and a table row of metrics per epoch.
 
@@ -133,7 +149,7 @@ class ProgressCB(Callback):
         columns = list(row) if self._columns is None else self._columns
         new = [c for c in row if c not in columns]
         if self._columns is None or new:  # a (new) header when the columns first show or grow
-            self._columns = columns[:-1] + new + ["time"] if new else columns
+            self._columns = _in_table_order(columns + new, learn)
             self._write(self._format(dict(zip(self._columns, self._columns))))
         self._write(self._format(row))
         if self._epoch_bar is not None:
