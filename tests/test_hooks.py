@@ -85,3 +85,46 @@ def test_learner_summary_leaves_model_and_rng_alone():
     assert torch.equal(running, model[0].convs[0][1].running_mean)
     assert torch.equal(gen_state, dls.train.generator.get_state())
     assert model.training
+
+
+def append_stats(hook, mod, inp, outp):
+    """miniai's hook function, as the course writes it: state kept on the hook."""
+    if not hasattr(hook, "stats"):
+        hook.stats = ([], [], [])
+    acts = outp.detach().cpu()
+    hook.stats[0].append(acts.mean())
+    hook.stats[1].append(acts.std())
+    hook.stats[2].append(acts.abs().histc(40, 0, 10))
+
+
+def test_hooks_work_as_the_course_list():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    with Hooks(model, append_stats) as hooks:  # a Sequential: one hook per child
+        assert len(hooks) == 4 and [h.module for h in hooks] == list(model)
+        assert hooks[-1].module is model[3] and [h.module for h in hooks[1:3]] == [model[1],
+                                                                                  model[2]]
+        for _ in range(3):
+            model(torch.randn(8, 3))
+        del hooks[1]  # off the list and off its module
+        assert len(hooks) == 3 and not model[1]._forward_hooks
+        assert [h.module for h in hooks] == [model[0], model[2], model[3]]
+        model(torch.randn(8, 3))
+        del hooks[1:]
+        assert len(hooks) == 1 and not model[2]._forward_hooks and not model[3]._forward_hooks
+    assert all(not m._forward_hooks for m in model.modules())
+    h = hooks[0]
+    assert len(h.stats[0]) == 4 and torch.stack(h.stats[2]).t().shape == (40, 4)
+    with pytest.raises(IndexError):
+        hooks[5]
+
+
+def test_hook_objects_keep_state_as_the_course_does():
+    lin = nn.Linear(3, 2)
+
+    def lsuv_stats(hook, mod, inp, outp):  # the course's _lsuv_stats
+        hook.mean, hook.std = outp.mean(), outp.std()
+
+    hook = Hook(lin, lsuv_stats)
+    lin(torch.randn(16, 3))
+    assert hook.mean.shape == () and hook.std > 0
+    hook.remove()

@@ -55,3 +55,62 @@ def test_lsuv_names_a_layer_the_forward_never_uses():
     unused = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="did not run in model"):
         lsuv_init(model, torch.randn(8, 4), mods=[unused])
+
+
+def _relu_outputs(model, xb):
+    relus = [m for m in model.modules() if isinstance(m, GeneralRelu)]
+    out = {}
+    handles = [m.register_forward_hook(lambda m, i, o: out.__setitem__(m, o)) for m in relus]
+    with torch.no_grad():
+        model(xb)
+    for h in handles:
+        h.remove()
+    return [out[m] for m in relus]
+
+
+def test_lsuv_in_the_course_form_normalises_each_activation():
+    torch.manual_seed(0)
+    act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
+    model = simple_cnn(1, 10, nfs=(8, 16, 32), act=act_gr, norm=None)
+    xb = torch.randn(64, 1, 16, 16)
+    relus = [o for o in model.modules() if isinstance(o, GeneralRelu)]
+    convs = [o for o in model.modules() if isinstance(o, nn.Conv2d)]
+    for ms in zip(relus, convs):
+        lsuv_init(model, *ms, xb)
+    for out in _relu_outputs(model, xb):
+        assert abs(out.mean().item()) < 0.05 and abs(out.std().item() - 1) < 0.05
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_lsuv_pairs_match_the_course_form():
+    act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
+    xb = torch.randn(64, 1, 16, 16)
+    models = []
+    for course_form in (True, False):
+        torch.manual_seed(0)
+        model = simple_cnn(1, 10, nfs=(8, 16), act=act_gr, norm=None)
+        pairs = list(zip([o for o in model.modules() if isinstance(o, GeneralRelu)],
+                         [o for o in model.modules() if isinstance(o, nn.Conv2d)]))
+        if course_form:
+            results = [lsuv_init(model, m, m_in, xb)[0] for m, m_in in pairs]
+        else:
+            results = lsuv_init(model, xb, mods=pairs)
+        assert len(results) == 2
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_lsuv_course_form_needs_a_layer():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(TypeError, match="needs the layer m_in"):
+        lsuv_init(model, model[1], torch.randn(8, 4), torch.randn(8, 4))
+
+
+def test_init_weights_leaves_other_modules_alone_and_zeroes_biases():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), GeneralRelu(0.1, 0.4), nn.BatchNorm2d(8))
+    bn = [p.clone() for p in model[2].parameters()]
+    model.apply(partial(init_weights, leaky=0.1))
+    assert torch.count_nonzero(model[0].bias) == 0
+    assert all(torch.equal(a, b) for a, b in zip(bn, model[2].parameters()))

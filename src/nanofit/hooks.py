@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from torch import nn
@@ -25,7 +25,9 @@ class Hook:
 
     Remove it with `remove()`, by leaving a `with Hook(...) as h:` block, or by dropping the
     last reference to it: the module only holds a weak reference, so a forgotten Hook cannot
-    keep firing (or keep its data alive) after it is garbage-collected.
+    keep firing (or keep its data alive) after it is garbage-collected. Keep a reference (a
+    variable, a list, `Hooks`) for as long as it should fire. `fn` may keep state on the hook,
+    as the course's hook functions do: `hook.stats = ([], [], [])`.
     """
 
     def __init__(self, module: nn.Module, fn: HookFunc) -> None:
@@ -56,14 +58,37 @@ class Hook:
             handle.remove()
 
 
-class Hooks:
-    """One Hook per module, as a sequence; a context manager that removes them all."""
+class Hooks(Sequence[Hook]):
+    """One Hook per module, kept as a list (as miniai's `Hooks`); a context manager that
+    removes them all.
 
-    def __init__(self, modules: Iterable[nn.Module], fn: HookFunc) -> None:
-        self.hooks = [Hook(m, fn) for m in modules]
+    `Hooks(modules, fn)` takes any iterable of modules (a list, a generator, an
+    `nn.Sequential`, whose children it hooks) and the course's `fn(hook, module, inp, outp)`.
+    `hooks[i]`, `hooks[a:b]` (a list), `len(hooks)`, `for h in hooks`, `h in hooks` work as on
+    a list; `del hooks[i]` also removes that hook from its module. State a hook function keeps
+    on the hook (the course's `hook.stats = ...`) stays readable after the hooks are removed.
+    Example: `with Hooks(model, append_stats) as hooks: fit(model)`, then `hooks[0].stats`.
+    `hook_type(module, fn)` makes each hook (a Hook subclass, say); by default `Hook`.
+    """
 
-    def __getitem__(self, i: int) -> Hook:
+    def __init__(self, modules: Iterable[nn.Module], fn: HookFunc, *,
+                 hook_type: Callable[[nn.Module, HookFunc], Hook] = Hook) -> None:
+        self.hooks = [hook_type(m, fn) for m in modules]
+
+    @overload
+    def __getitem__(self, i: int) -> Hook: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Hook]: ...
+
+    def __getitem__(self, i: int | slice) -> Hook | list[Hook]:
         return self.hooks[i]
+
+    def __delitem__(self, i: int | slice) -> None:
+        """Remove the hook(s) at `i` from their modules and from this list."""
+        for h in self.hooks[i] if isinstance(i, slice) else [self.hooks[i]]:
+            h.remove()
+        del self.hooks[i]
 
     def __len__(self) -> int:
         return len(self.hooks)
@@ -71,8 +96,11 @@ class Hooks:
     def __iter__(self) -> Iterator[Hook]:
         return iter(self.hooks)
 
+    def __repr__(self) -> str:
+        return f"Hooks({[type(h.module).__name__ for h in self.hooks]})"
+
     def remove(self) -> None:
-        """Unregister every hook."""
+        """Unregister every hook (safe to call twice); the Hook objects and their state stay."""
         for h in self.hooks:
             h.remove()
 

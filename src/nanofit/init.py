@@ -1,7 +1,8 @@
 """Initialisation: Kaiming init, a general ReLU, and LSUV (layer-sequential unit variance)."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,12 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def init_weights(m: nn.Module, leaky: float = 0.0) -> None:
-    """Kaiming normal init for conv and linear layers (`leaky`: the slope of a leaky ReLU).
+    """Kaiming normal init for conv and linear layers (`leaky`: the slope of a leaky ReLU),
+    with their biases set to zero.
 
-    Use with `model.apply(partial(init_weights, leaky=0.1))`.
+    Use with `model.apply(partial(init_weights, leaky=0.1))`. Unlike miniai's, which only
+    re-initialises Conv1d/2d/3d weights, this also initialises `nn.Linear` layers and zeroes
+    biases (the Kaiming recipe), so a model's init does not depend on PyTorch's defaults.
     """
     if isinstance(m, _WEIGHTED):
         nn.init.kaiming_normal_(m.weight, a=leaky)
@@ -46,29 +50,60 @@ class GeneralRelu(nn.Module):
         return f"leak={self.leak}, sub={self.sub}, maxv={self.maxv}"
 
 
-def lsuv_init(model: nn.Module, xb: Any, mods: list[nn.Module] | None = None,
-              tol: float = 1e-3, max_iter: int = 10) -> list[tuple[float, float]]:
+@overload
+def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: Any, /, *,
+              max_iter: int = 10) -> list[tuple[float, float]]: ...
+
+
+@overload
+def lsuv_init(model: nn.Module, xb: Any, mods: Sequence[nn.Module | tuple[nn.Module, nn.Module]]
+              | None = None, tol: float = 1e-3, max_iter: int = 10) -> list[tuple[float, float]]:
+    ...
+
+
+def lsuv_init(model: nn.Module, xb: Any, mods: Any = None, tol: Any = 1e-3,
+              max_iter: int = 10) -> list[tuple[float, float]]:
     """Layer-sequential unit-variance init: for each layer in turn (first to last), rescale
     its weights and shift its bias until its output on `xb` has mean ~0 and std ~1.
 
-    `mods` defaults to every conv and linear layer. Runs without gradients and in eval mode
-    (batchnorm statistics are left alone). Returns each layer's final (mean, std).
+    `mods` defaults to every conv and linear layer. An entry may also be a pair `(at, layer)`:
+    then `layer` is adjusted until the output of module `at` (e.g. the activation after it)
+    has mean ~0 and std ~1. Runs without gradients and in eval mode (batchnorm statistics are
+    left alone), at most `max_iter` passes per layer. Returns each entry's final (mean, std).
+
+    The course's form `lsuv_init(model, m, m_in, xb)` works too: it adjusts the layer `m_in`
+    until the output of `m` (its activation) is normalised, i.e. `mods=[(m, m_in)]`; call it
+    once per pair, as in `for ms in zip(relus, convs): lsuv_init(model, *ms, xb)` (with the
+    course's tolerance, 1e-3).
+    Different on purpose: by default nanofit normalises each layer's own output, not its
+    activation's. That works for any activation and for the last layer, which has none; the
+    course's target cannot be reached after a plain ReLU (its outputs have mean > 0), only
+    after one shifted down like `GeneralRelu(sub=0.4)`.
     """
-    mods = mods if mods is not None else [m for m in model.modules() if isinstance(m, _WEIGHTED)]
+    if isinstance(xb, nn.Module):  # the course's lsuv_init(model, m, m_in, xb)
+        if not isinstance(mods, nn.Module):
+            raise TypeError(f"lsuv_init(model, m, m_in, xb) needs the layer m_in as a module, "
+                            f"got {type(mods).__name__}; nanofit's form is lsuv_init(model, xb)")
+        pairs = [(xb, mods)]
+        xb, tol = tol, 1e-3
+    else:
+        mods = mods if mods is not None else [m for m in model.modules()
+                                             if isinstance(m, _WEIGHTED)]
+        pairs = [m if isinstance(m, tuple) else (m, m) for m in mods]
     results = []
     with eval_mode(model), torch.no_grad():
-        for m in mods:
+        for at, m in pairs:
             seen: dict[str, float] = {}
 
             def grab(hook: Hook, module: nn.Module, inp: tuple, outp: torch.Tensor,
                      seen: dict[str, float] = seen) -> None:
                 seen["mean"], seen["std"] = outp.mean().item(), outp.std().item()
 
-            with Hook(m, grab):
+            with Hook(at, grab):
                 for _ in range(max_iter):
                     model(xb)
                     if not seen:
-                        raise ValueError(f"lsuv_init: {m} did not run in model(xb); pass "
+                        raise ValueError(f"lsuv_init: {at} did not run in model(xb); pass "
                                          "mods= with layers the forward pass uses")
                     if abs(seen["mean"]) < tol and abs(seen["std"] - 1) < tol:
                         break

@@ -16,6 +16,7 @@ from nanofit import (
     SingleBatchCB,
     TensorLoader,
 )
+from nanofit.plots import new_figure
 from tests.helpers import make_dls
 
 
@@ -176,3 +177,82 @@ def test_activation_stats_on_tuple_outputs_and_shared_modules():
     stats = ActivationStats(mods=[net.shared, net.pair])
     Learner(net, make_dls(n_train=32, bs=8), F.cross_entropy, cbs=[stats]).fit(1)
     assert [s.shape[0] for s in stats.stats] == [4, 4]  # one row per batch, even called twice
+
+
+def append_stats(hook, mod, inp, outp):
+    """miniai's hook function, as the course writes it."""
+    if not hasattr(hook, "stats"):
+        hook.stats = ([], [], [])
+    acts = outp.detach().cpu()
+    hook.stats[0].append(acts.mean())
+    hook.stats[1].append(acts.std())
+    hook.stats[2].append(acts.abs().histc(40, 0, 10))
+
+
+def relu_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_hooks_callback_is_a_list_of_hooks_kept_after_the_fit():
+    model = relu_net()
+    cb = HooksCallback(append_stats, nn.ReLU)
+    assert len(cb) == 0 and list(cb) == [] and cb  # before a fit: no hooks, still a callback
+    Learner(model, make_dls(n_train=32, bs=8), F.cross_entropy, cbs=[cb]).fit(2)
+    assert no_hooks_left(model)  # removed at cleanup_fit ...
+    assert len(cb) == 2 and [h.module for h in cb] == [model[1], model[3]]
+    for h in cb:  # ... and readable after it, as in the course
+        assert len(h.stats[0]) == 8  # 4 training batches x 2 epochs
+    assert cb[1] is list(cb)[1]
+
+
+def test_activation_stats_hooks_in_the_course_shape():
+    astats = ActivationStats(nn.ReLU)
+    model = relu_net()
+    Learner(model, make_dls(n_train=48, bs=8), F.cross_entropy, cbs=[astats]).fit(2)
+    assert no_hooks_left(model) and len(astats) == 2 and astats[0].module is model[1]
+    for i, h in enumerate(astats):
+        means, stds, hists = h.stats
+        assert len(means) == len(stds) == len(hists) == 12  # 6 batches x 2 epochs
+        assert means[0].shape == () and hists[0].shape == (40,)
+        assert torch.equal(torch.stack(means), astats.means()[i])
+        assert torch.equal(torch.stack(stds), astats.stds()[i])
+        hist = torch.stack(h.stats[2]).t().float()  # the course's get_hist / get_min
+        assert torch.equal(hist, astats.hists()[i])
+        assert torch.allclose(hist[0] / hist.sum(0), astats.dead_fraction()[i])
+        assert h.stats is h.stats  # built once, not per read
+        fig = new_figure()
+        fig.add_subplot().plot(h.stats[0])  # the course's plot_stats loop
+    Learner(model, make_dls(n_train=16, bs=8), F.cross_entropy, cbs=[astats]).fit(1)
+    assert [len(h.stats[0]) for h in astats] == [2, 2]  # a new fit, new records
+
+
+def test_reading_course_stats_adds_no_copy_per_batch(monkeypatch):
+    copies = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        copies.append(self.shape)
+        return real_cpu(self, *args, **kwargs)
+
+    astats = ActivationStats(nn.ReLU, sync_every=16)
+    learn = Learner(relu_net(), make_dls(n_train=400, bs=8), F.cross_entropy, cbs=[astats])
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    learn.fit(1, valid=False)
+    stats = [h.stats for h in astats]
+    monkeypatch.undo()
+    assert [len(s[0]) for s in stats] == [50, 50]
+    assert len(copies) <= 4
+
+
+def test_activation_plots_take_the_course_figsize(tmp_path):
+    astats = ActivationStats(nn.ReLU)
+    Learner(relu_net(), make_dls(), F.cross_entropy, cbs=[astats]).fit(1)
+    assert tuple(astats.color_dim(figsize=(11, 5)).get_size_inches()) == (11, 5)
+    assert tuple(astats.dead_chart(figsize=(11, 5)).get_size_inches()) == (11, 5)
+    assert tuple(astats.plot_stats(figsize=(10, 4)).get_size_inches()) == (10, 4)
+    assert tuple(astats.color_dim((6, 3)).get_size_inches()) == (6, 3)
+    fig = astats.dead_chart(figsize=(8, 3), path=tmp_path / "dead.png")
+    assert fig.axes and (tmp_path / "dead.png").exists()
+    with pytest.raises(TypeError, match="path="):
+        astats.color_dim(str(tmp_path / "x.png"))

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,13 +11,13 @@ import torch
 from torch import nn
 
 from ..callback import Callback, Order
-from ..hooks import Hook, Hooks, first_tensor, select_modules
+from ..hooks import Hook, HookFunc, Hooks, first_tensor, select_modules
 from ..plots import new_figure, save_figure
 
 if TYPE_CHECKING:
     from ..learner import Learner
 
-__all__ = ["HooksCallback", "ActivationStats"]
+__all__ = ["HooksCallback", "ActivationStats", "ActivationHook"]
 
 
 class HooksCallback(Callback):
@@ -24,8 +25,14 @@ class HooksCallback(Callback):
 
     Modules: `mods`, or every module passing `mod_filter` (a type, tuple of types or predicate;
     default: every leaf module). The function runs in training batches if `on_train`, in
-    validation batches if `on_valid`. Hooks go in at `before_fit` and are removed in
-    `cleanup_fit`, whether the fit ends normally, is cancelled, or fails.
+    validation batches if `on_valid`. Hooks go in at `before_fit` and are removed from the
+    model in `cleanup_fit`, whether the fit ends normally, is cancelled, or fails.
+
+    As in the course, the callback is a list of its hooks: `for h in cb`, `cb[0]`, `len(cb)`.
+    The hooks of the last fit (and what `hookfunc` stored on them, e.g. the course's
+    `append_stats` keeps `hook.stats`) stay readable after it; the next fit makes new ones.
+    Example: `cb = HooksCallback(append_stats, nn.ReLU); learn.fit(1, cbs=[cb])`, then
+    `[h.stats for h in cb]`.
     """
 
     main_fit_only = True
@@ -44,7 +51,10 @@ class HooksCallback(Callback):
         if not mods:
             raise ValueError(f"{type(self).__name__}: no module of the model passes mod_filter="
                              f"{self.mod_filter!r}; pass a layer type the model has, or mods=[...]")
-        self.hooks = Hooks(mods, self._call)
+        self.hooks = self._make_hooks(mods)
+
+    def _make_hooks(self, mods: list[nn.Module]) -> Hooks:
+        return Hooks(mods, self._call)
 
     def before_batch(self, learn: Learner) -> None:
         self._active = self.on_train if learn.training else self.on_valid
@@ -55,9 +65,39 @@ class HooksCallback(Callback):
 
     def cleanup_fit(self, learn: Learner) -> None:
         if self.hooks is not None:
-            self.hooks.remove()
-            self.hooks = None
+            self.hooks.remove()  # off the model; the Hook objects (and their state) stay
         self._active = False
+
+    # ---- a list of the hooks, as the course's HooksCallback ---------------------------------
+    def __iter__(self) -> Iterator[Hook]:
+        return iter(self.hooks if self.hooks is not None else [])
+
+    def __len__(self) -> int:
+        return len(self.hooks) if self.hooks is not None else 0
+
+    def __getitem__(self, i: int) -> Hook:
+        if self.hooks is None:
+            raise IndexError(f"{type(self).__name__} has no hooks before its first fit")
+        return self.hooks[i]
+
+    def __bool__(self) -> bool:  # a callback is truthy even when it holds no hooks yet
+        return True
+
+
+class ActivationHook(Hook):
+    """A hook of `ActivationStats`: `hook.stats` is its records in the course's shape, the
+    tuple `([means], [stds], [hists])` of per-record lists (0-d tensors, 0-d tensors, 1-D
+    tensors of `bins` counts), as miniai's `append_stats` keeps them. Built when read, from
+    the statistics the callback copied off the device in chunks; reading it during a fit
+    copies the pending records first (one host sync per read, none per batch)."""
+
+    def __init__(self, module: nn.Module, fn: HookFunc, owner: ActivationStats) -> None:
+        super().__init__(module, fn)
+        self.owner = owner
+
+    @property
+    def stats(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        return self.owner.hook_stats(self.owner.index_of(self))
 
 
 class ActivationStats(HooksCallback):
@@ -65,10 +105,24 @@ class ActivationStats(HooksCallback):
 
     Statistics are computed on the device inside the hook and copied to the CPU in one
     transfer every `sync_every` recorded batches, so hooks add no host sync per batch.
-    `every=n` records one training batch in n. Results: `stats[i]` is a `(n_records, 2 + bins)`
-    tensor for hooked module i (mean, std, histogram counts over `hist_range`, values beyond
-    it counted in the last bin); `plot_stats()`, `color_dim()` and `dead_chart()` draw them.
-    Example: `ActivationStats(nn.ReLU)` or `ActivationStats(mods=[model[0], model[2]])`.
+    `every=n` records one training batch in n. Example: `ActivationStats(nn.ReLU)`,
+    `ActivationStats(lambda m: isinstance(m, GeneralRelu))` or `ActivationStats(mods=[...])`.
+
+    Results, in two shapes:
+    - nanofit's: `astats.stats[i]` is a `(n_records, 2 + bins)` CPU tensor for hooked module i
+      (mean, std, histogram counts over `hist_range`); `means()`, `stds()`, `hists()`,
+      `dead_fraction()` slice it; `names[i]` names the module.
+    - the course's: the callback is a list of its hooks (`for h in astats`, `astats[0]`,
+      `len(astats)`), and each hook's `h.stats` is miniai's `([means], [stds], [hists])`:
+      lists with one entry per record (0-d tensors, 0-d tensors, 1-D tensors of `bins`
+      counts), so `torch.stack(h.stats[2]).t()` is the `(bins, n_records)` histogram image.
+      Both stay readable after the fit; the hooks are off the model from `cleanup_fit` on.
+    `plot_stats()`, `color_dim()` and `dead_chart()` draw them and return Figures.
+
+    Differences from miniai's `append_stats`, on purpose: one record per module per batch
+    (a module called twice in a forward is recorded once); activations beyond `hist_range`
+    are counted in the last bin instead of dropped, so each histogram sums to the number of
+    activations; and `every=n` thins long runs.
     """
 
     order = Order.ACTIVATIONS
@@ -86,6 +140,12 @@ class ActivationStats(HooksCallback):
         self._pending: list[torch.Tensor] = []
         self._pending_mod: list[int] = []
         self._n_train = 0
+        self._index: dict[int, int] = {}
+        self._course: dict[int, tuple[list[torch.Tensor], list[torch.Tensor],
+                                      list[torch.Tensor]]] = {}
+
+    def _make_hooks(self, mods: list[nn.Module]) -> Hooks:
+        return Hooks(mods, self._call, hook_type=partial(ActivationHook, owner=self))
 
     def before_fit(self, learn: Learner) -> None:
         super().before_fit(learn)
@@ -95,6 +155,7 @@ class ActivationStats(HooksCallback):
         self._index = {id(h.module): i for i, h in enumerate(self.hooks)}
         self._chunks = [[] for _ in self.hooks]
         self._pending, self._pending_mod, self._n_train = [], [], 0
+        self._course = {}
 
     def before_batch(self, learn: Learner) -> None:
         self._seen: set[int] = set()
@@ -131,6 +192,7 @@ class ActivationStats(HooksCallback):
         for i, chunks in enumerate(self._chunks):
             chunks.append(rows[owner == i])
         self._pending, self._pending_mod = [], []
+        self._course = {}  # the course-shaped lists are rebuilt with the new records
 
     def cleanup_epoch(self, learn: Learner) -> None:
         self._sync()
@@ -145,10 +207,27 @@ class ActivationStats(HooksCallback):
         self._sync()
         return [torch.cat(c) if c else torch.zeros(0, 2 + self.bins) for c in self._chunks]
 
+    def index_of(self, hook: Hook) -> int:
+        """The position of `hook` (one of this callback's) in `stats`, `names`, the hooks."""
+        return self._index[id(hook.module)]
+
+    def hook_stats(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor],
+                                          list[torch.Tensor]]:
+        """Module i's records in the course's shape (what `self[i].stats` gives): the lists
+        `([means], [stds], [hists])`, views of `stats[i]`, built on first read."""
+        self._sync()
+        if i not in self._course:
+            s = torch.cat(self._chunks[i]) if self._chunks[i] else torch.zeros(0, 2 + self.bins)
+            self._course[i] = (list(s[:, 0].unbind(0)), list(s[:, 1].unbind(0)),
+                               list(s[:, 2:].unbind(0)))
+        return self._course[i]
+
     def means(self) -> list[torch.Tensor]:
+        """Per module, a (records,) tensor of activation means."""
         return [s[:, 0] for s in self.stats]
 
     def stds(self) -> list[torch.Tensor]:
+        """Per module, a (records,) tensor of activation standard deviations."""
         return [s[:, 1] for s in self.stats]
 
     def hists(self) -> list[torch.Tensor]:
@@ -160,9 +239,11 @@ class ActivationStats(HooksCallback):
         return [h[0] / h.sum(0).clamp(min=1) for h in self.hists()]
 
     # ---- plots --------------------------------------------------------------------------
-    def plot_stats(self, path: str | Path | None = None):
-        """Means and standard deviations of each hooked module over training; a Figure."""
-        fig = new_figure(figsize=(10, 4))
+    def plot_stats(self, figsize: tuple[float, float] = (10, 4),
+                   path: str | Path | None = None):
+        """Means and standard deviations of each hooked module over training; a Figure
+        (`figsize` in inches, as the course's; `path=` also saves it as an image)."""
+        fig = new_figure(figsize=_figsize(figsize))
         ax_mean, ax_std = fig.subplots(1, 2)
         for name, mean, std in zip(self.names, self.means(), self.stds()):
             ax_mean.plot(mean.numpy(), label=name)
@@ -174,21 +255,25 @@ class ActivationStats(HooksCallback):
         ax_std.legend(fontsize="small")
         return save_figure(fig, path)
 
-    def _grid(self, title: str):
+    def _grid(self, title: str, figsize: tuple[float, float] | None,
+              path: str | Path | None):
         n = max(len(self.names), 1)
         cols = min(n, 4)
         rows = math.ceil(n / cols)
-        fig = new_figure(figsize=(3.2 * cols, 2.6 * rows))
+        fig = new_figure(figsize=_figsize(figsize) or (3.2 * cols, 2.6 * rows))
         axes = fig.subplots(rows, cols, squeeze=False).flatten()
         for ax in axes[len(self.names):]:
             ax.set_axis_off()
         fig.suptitle(title)
         return fig, axes
 
-    def color_dim(self, path: str | Path | None = None):
+    def color_dim(self, figsize: tuple[float, float] | None = None,
+                  path: str | Path | None = None):
         """The 'colorful dimension' plot: each module's activation histogram over training
-        (log scale), bins on the vertical axis, time on the horizontal; a Figure."""
-        fig, axes = self._grid("histograms of |activations| over training")
+        (log scale), bins on the vertical axis, time on the horizontal; a Figure. `figsize`
+        as the course's `color_dim(figsize=(11, 5))`; by default sized to the number of
+        modules (4 per row). `path=` also saves it as an image."""
+        fig, axes = self._grid("histograms of |activations| over training", figsize, path)
         for ax, name, hist in zip(axes, self.names, self.hists()):
             ax.imshow(hist.log1p().numpy(), origin="lower", aspect="auto", cmap="viridis",
                       extent=(0, hist.shape[1], *self.hist_range))
@@ -196,12 +281,22 @@ class ActivationStats(HooksCallback):
         fig.tight_layout()
         return save_figure(fig, path)
 
-    def dead_chart(self, path: str | Path | None = None):
-        """Fraction of each module's activations in the lowest bin over training; a Figure."""
-        fig, axes = self._grid("fraction of activations near zero")
+    def dead_chart(self, figsize: tuple[float, float] | None = None,
+                   path: str | Path | None = None):
+        """Fraction of each module's activations in the lowest bin over training; a Figure.
+        `figsize` and `path=` as in `color_dim`."""
+        fig, axes = self._grid("fraction of activations near zero", figsize, path)
         for ax, name, frac in zip(axes, self.names, self.dead_fraction()):
             ax.plot(frac.numpy())
             ax.set_ylim(0, 1)
             ax.set_title(name, fontsize="small")
         fig.tight_layout()
         return save_figure(fig, path)
+
+
+def _figsize(figsize: tuple[float, float] | None) -> tuple[float, float] | None:
+    """`figsize`, checked: a path passed first (nanofit's old positional form) is named."""
+    if isinstance(figsize, (str, Path)):
+        raise TypeError(f"the first argument of the activation plots is figsize, got the path "
+                        f"{str(figsize)!r}; save with path={str(figsize)!r}")
+    return figsize
