@@ -6,9 +6,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import defaultdict
+from enum import IntEnum
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,3 +337,387 @@ def test_save_and_resume_misuse_gets_clear_errors(tmp_path):
         assert_resumable(make_learner, 1, stop_at=[0], cbs=[BatchCounter()])
     with pytest.raises(AssertionError, match="stop_at=99: the fit has only 4 training batches"):
         assert_resumable(make_learner, 1, stop_at=[99])
+
+
+# ---- a refused load changes nothing ----------------------------------------------------------
+def _snapshot(learn):
+    """Everything a load could change: weights and buffers, lr, the optimizer (which object,
+    and its state) and the callbacks' states."""
+    import copy
+
+    return {"state": copy.deepcopy(learner_state(learn)), "lr": copy.deepcopy(learn.lr),
+            "opt": learn.opt, "metrics": learn.metrics, "recorder": learn.recorder}
+
+
+def _assert_unchanged(learn, before):
+    after = _snapshot(learn)
+    assert same_state(after["state"], before["state"])
+    assert after["lr"] == before["lr"] and after["opt"] is before["opt"]
+    assert after["metrics"] is before["metrics"] and after["recorder"] is before["recorder"]
+
+
+def _wider_head():  # the first layer matches make_learner's model, the last does not
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5))
+
+
+def _extra_layer():  # every layer of make_learner's model, and one more
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3),
+                         nn.Linear(3, 3))
+
+
+def _two_groups(model):
+    return [list(model[0].parameters()), list(model[3].parameters())]
+
+
+def _other_two_groups(model):  # 2 groups again, of 1 and 3 parameters
+    return [[model[0].weight], [model[0].bias, *model[3].parameters()]]
+
+
+SAVED_BY = {  # how the learner that saved the checkpoint differs from make_learner's
+    "layers partly match": {"model": _wider_head},
+    "extra layer": {"model": _extra_layer},
+    "dtype": {"model": lambda: make_learner().model.double()},
+    "Adam into SGD": {"opt_func": torch.optim.Adam},
+    "param group count": {"splitter": _two_groups},
+    "param group sizes": {"splitter": _two_groups, "target_splitter": _other_two_groups},
+}
+
+
+def _saved_checkpoint(tmp_path, kind):
+    """A mid-epoch checkpoint of a 2-epoch fit by a learner changed as SAVED_BY[kind] says."""
+    change, dls = SAVED_BY[kind], make_learner().dls
+    model = change.get("model", lambda: make_learner().model)()
+    if kind == "dtype":
+        dls = DataLoaders(*(TensorLoader((dl.tensors[0].double(), dl.tensors[1]), 8)
+                            for dl in (dls.train, dls.valid)))
+    learn = Learner(model, dls, F.cross_entropy, splitter=change.get("splitter"),
+                    opt_func=change.get("opt_func", partial(torch.optim.SGD, momentum=0.9)))
+    learn.fit(2, cbs=[StopAt(epoch=0, iter=2)])
+    return learn.save(str(tmp_path / f"{kind}.pt"))
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh", "trained"])
+@pytest.mark.parametrize("kind", list(SAVED_BY))
+def test_a_refused_load_or_resume_leaves_the_learner_as_it_was(tmp_path, kind, trained):
+    path = _saved_checkpoint(tmp_path, kind)
+    learn = make_learner()
+    learn.splitter = SAVED_BY[kind].get("target_splitter")
+    if trained:  # an optimizer with state, history in the callbacks
+        learn.fit(1, lr=0.05)
+    before = _snapshot(learn)
+    with pytest.raises(ValueError, match=f"checkpoint '{path}'"):
+        learn.load(path)
+    _assert_unchanged(learn, before)
+    with pytest.raises(ValueError, match=f"checkpoint '{path}'"):
+        learn.fit(2, resume=path)
+    _assert_unchanged(learn, before)
+
+
+def test_refusals_say_what_does_not_fit(tmp_path):
+    learn = make_learner()
+    with pytest.raises(ValueError, match=r"differing \(file vs model\): 3.weight \(5, 16\) "
+                                         r"float32 vs \(3, 16\) float32"):
+        learn.load(_saved_checkpoint(tmp_path, "layers partly match"))
+    with pytest.raises(ValueError, match=r"unexpected: 4.weight, 4.bias"):
+        learn.load(_saved_checkpoint(tmp_path, "extra layer"))
+    with pytest.raises(ValueError, match=r"0.weight \(16, 4\) float64 vs \(16, 4\) float32"):
+        learn.load(_saved_checkpoint(tmp_path, "dtype"))
+    with pytest.raises(ValueError, match="holds a Adam optimizer, the learner has SGD"):
+        learn.load(_saved_checkpoint(tmp_path, "Adam into SGD"))
+    with pytest.raises(ValueError, match=r"2 param groups of \[2, 2\] parameters, this "
+                                         r"learner's has 1 of \[4\]"):
+        learn.load(_saved_checkpoint(tmp_path, "param group count"))
+    learn.splitter = _other_two_groups
+    with pytest.raises(ValueError, match=r"\[2, 2\] parameters, this learner's has 2 of \[1, 3\]"):
+        learn.load(_saved_checkpoint(tmp_path, "param group sizes"))
+    learn.load(_saved_checkpoint(tmp_path, "Adam into SGD"), with_opt=False)  # weights only
+    assert learn.opt is None
+
+
+# ---- damaged files: one clear error naming the file, whatever the damage ----------------------
+def damaged_variants(good, structure, seed, n_flips, n_cuts=0, anywhere=True):
+    """Byte strings made from the valid file `good`: the classic bad files and truncations at
+    `n_cuts` offsets (when n_cuts), and `n_flips` single bytes changed in `structure` (the
+    pickle: keys, types, numbers) or, every other one with `anywhere`, in the whole file."""
+    import random
+
+    rng = random.Random(seed)
+    if n_cuts:
+        yield "one byte", b"\x80"
+        yield "empty", b""
+        yield "text", b"these are not the weights you are looking for\n" * 3
+        yield "protocol-2 pickle start", b"\x80\x02}q\x00(X"
+        yield "random bytes", bytes(rng.randrange(256) for _ in range(512))
+    for cut in range(1, len(good), len(good) // n_cuts + 1) if n_cuts else ():
+        yield f"truncated at {cut}", good[:cut]
+    for i in range(n_flips):
+        data = bytearray(good)
+        at = rng.choice(range(len(good)) if anywhere and i % 2 else structure)
+        data[at] ^= rng.randrange(1, 256)
+        yield f"byte {at} changed", bytes(data)
+
+
+def pickle_span(data):
+    """Where data.pkl (the structure, not the tensor bytes) lies inside a torch.save zip."""
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data.pkl"))
+    at = info.header_offset
+    start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") \
+        + int.from_bytes(data[at + 28:at + 30], "little")
+    return range(start, start + info.compress_size)
+
+
+def assert_only_clear_errors(variants, folder, load, name="bad.pt"):
+    """`load(path)` on each variant either works or raises a ValueError naming the file."""
+    path = folder / name
+    for what, data in variants:
+        path.write_bytes(data)
+        try:
+            load(str(path))
+        except ValueError as e:
+            assert str(path) in str(e), f"{what}: the error does not name the file: {e}"
+        except Exception as e:
+            raise AssertionError(f"{what}: {type(e).__name__} escaped: {e}") from e
+
+
+def test_every_damaged_checkpoint_gives_a_clear_error_naming_the_file(tmp_path):
+    import warnings
+
+    saver = make_learner(extra=[CheckpointCB(tmp_path / "ckpts", every_n_batches=1)])
+    saver.fit(2, cbs=[StopAt(epoch=1, iter=2)])  # mid-epoch: epoch RNG, metric states...
+    good = saver.cbs[-1].saved[-1].read_bytes()
+    structure = pickle_span(good)
+    learn = make_learner()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about odd pickle protocols, nanofit about
+        # changed epoch counts: what the damage turned into is not the point here
+        assert_only_clear_errors(damaged_variants(good, structure, 0, 160, n_cuts=50), tmp_path,
+                                 learn.load)
+        assert_only_clear_errors(damaged_variants(good, structure, 1, 30, anywhere=False),
+                                 tmp_path, lambda p: make_learner().fit(2, resume=p))
+    assert time.perf_counter() - start < 10  # about 3 s
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        learn.load(str(tmp_path / "missing.pt"))
+
+
+def _plain_checkpoint(**entries):
+    learn = make_learner()
+    learn.fit(1)
+    base = {"format": "nanofit.checkpoint", "version": 1, "model": learn.model.state_dict(),
+            "opt": learn.opt.state_dict(), "lr": 0.1, "n_epochs": 1, "n_batches": 4,
+            "position": {"epoch": 1, "batches_done": 0, "train_done": False},
+            "callbacks": {}}
+    return {**base, **entries}
+
+
+@pytest.mark.parametrize("entries, problem", [
+    ({"version": "1"}, "format version is '1'"),
+    ({"model": None}, "'model' is not a dict of tensors"),
+    ({"model": {"0.weight": [[1.0] * 4] * 16}}, "'model' is not a dict of tensors"),
+    ({"opt": {"state": {}, "param_groups": 3}}, "'opt' is not an optimizer state dict"),
+    ({"position": 5}, "'position' is not"),
+    ({"position": {"epoch": "1"}}, "'position' is not"),
+    ({"lr": "fast"}, "'lr' is not a number"),
+    ({"callbacks": ["MetricsCB"]}, "'callbacks' is not a dict"),
+])
+def test_a_checkpoint_with_the_wrong_structure_is_refused_naming_the_file(tmp_path, entries,
+                                                                         problem):
+    path = tmp_path / "odd.pt"
+    torch.save(_plain_checkpoint(**entries), path)
+    pattern = f"checkpoint '{path}' is damaged or was not written by nanofit: .*{problem}"
+    with pytest.raises(ValueError, match=pattern):
+        make_learner().load(str(path))
+    with pytest.raises(ValueError, match=pattern):
+        make_learner().fit(3, resume=str(path))
+
+
+def test_a_checkpoint_whose_parts_do_not_restore_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "odd.pt"
+    rng = {"torch": torch.zeros(3, dtype=torch.uint8)}  # not an RNG state
+    torch.save(_plain_checkpoint(rng=rng), path)
+    with pytest.raises(ValueError, match=f"'{path}' is damaged .* RNG state 'rng'"):
+        make_learner().fit(3, resume=str(path))
+    good = make_learner()
+    good.fit(1)
+    state = _plain_checkpoint(callbacks={"MetricsCB": {"hist": []}})
+    state["rng"] = torch.load(good.save(str(tmp_path / "good.pt")), weights_only=True)["rng"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=f"checkpoint '{path}': the state saved for callback "
+                                         "MetricsCB does not load into it"):
+        make_learner().fit(3, resume=str(path))
+
+
+# ---- what a checkpoint holds: plain values, always loadable ------------------------------------
+class NumpyAccuracy:
+    """A hand-written metric that computes with NumPy: compute() gives a NumPy scalar (or a
+    0-d array), its state holds NumPy integers."""
+
+    def __init__(self, zero_d=False):
+        self.zero_d = zero_d
+        self.reset()
+
+    def reset(self):
+        self.correct, self.n = np.int64(0), np.int64(0)
+
+    def update(self, preds, targ):
+        self.correct += np.int64((preds.argmax(1) == targ).sum().item())
+        self.n += np.int64(len(targ))
+
+    def compute(self):
+        value = np.float32(self.correct / max(self.n, 1))
+        return np.array(value) if self.zero_d else value
+
+    def state_dict(self):
+        return {"correct": self.correct, "n": self.n}
+
+    def load_state_dict(self, state):
+        self.correct, self.n = np.int64(state["correct"]), np.int64(state["n"])
+
+
+def numpy_learner():
+    """NumPy learning rates (one per param group), NumPy metrics, a torch scheduler with a
+    NumPy factor, a recorder and a tracker: every kind of value a checkpoint holds."""
+    from nanofit import BatchSchedCB, EarlyStoppingCB
+
+    lrs = np.logspace(-3, -1, 3)
+    learn = make_learner(extra=[
+        MetricsCB(acc=NumpyAccuracy(), acc0d=NumpyAccuracy(zero_d=True)),
+        BatchSchedCB(partial(torch.optim.lr_scheduler.StepLR, step_size=2, gamma=np.float64(0.5))),
+        EarlyStoppingCB("acc", patience=5)])
+    learn.cbs[:] = [cb for cb in learn.cbs if not isinstance(cb, ProgressCB)]
+    learn.lr, learn.splitter = [lrs[1], lrs[2]], _two_groups
+    return learn
+
+
+def test_numpy_values_in_the_state_are_saved_as_plain_values_and_resume_bit_exact():
+    assert_resumable(numpy_learner, 2, stop_at=[0, 5])
+    learn = numpy_learner()
+    learn.lr, learn.splitter = np.logspace(-3, -1, 3)[1], None  # one NumPy float
+    learn.fit(1)
+    record = learn.metrics.history[-1]
+    assert type(record["acc"]) is float and type(record["acc0d"]) is float
+
+
+class Pair(NamedTuple):
+    n: int
+    where: Path
+
+
+class Kind(IntEnum):
+    BIG = 2
+
+
+class OddValues(Callback):
+    """A user's callback whose state holds NumPy values, paths, tuples, sets, enums."""
+
+    def __init__(self):
+        self.loaded = None
+
+    def state_dict(self):
+        return {"int": np.int64(3), "float": np.float32(0.5), "0d": np.array(2.5),
+                "array": np.arange(3), "tuple": (np.int8(1), "a"), "pair": Pair(1, Path("r/1")),
+                "path": Path("runs") / "a", "set": {np.int16(4)}, "kind": Kind.BIG,
+                "str": np.str_("b"), "counts": defaultdict(int, a=1), np.str_("key"): 1,
+                "tensor": torch.ones(2), "nested": [{"x": np.float64(1.5)}]}
+
+    def load_state_dict(self, state):
+        self.loaded = state
+
+
+def test_saved_state_comes_back_as_plain_python(tmp_path):
+    learn = make_learner(extra=[OddValues(), CheckpointCB(tmp_path, every_n_batches=1)])
+    learn.fit(1, cbs=[StopAt(epoch=0, iter=2)])
+    resumed = make_learner(extra=[OddValues()])
+    resumed.fit(1, resume=str(tmp_path))
+    got = resumed.cbs[-1].loaded
+    expected = {"int": 3, "float": 0.5, "0d": 2.5, "array": [0, 1, 2], "tuple": (1, "a"),
+                "pair": (1, str(Path("r/1"))), "path": str(Path("runs/a")), "set": {4},
+                "kind": 2, "str": "b", "counts": {"a": 1}, "key": 1, "nested": [{"x": 1.5}]}
+    assert torch.equal(got.pop("tensor"), torch.ones(2)) and got == expected
+
+    def types(x):
+        if isinstance(x, dict):
+            return {type(k): None for k in x} | {t: None for v in x.values() for t in types(v)}
+        if isinstance(x, (list, tuple, set)):
+            return {type(x): None} | {t: None for v in x for t in types(v)}
+        return {type(x): None}
+
+    assert set(types(got)) <= {dict, list, tuple, set, int, float, str}
+
+
+def test_state_that_no_checkpoint_can_hold_is_refused_when_saving(tmp_path):
+    class Holder(Callback):
+        def state_dict(self):
+            return {"fn": lambda: 1}
+
+        def load_state_dict(self, state):
+            pass
+
+    learn = make_learner(extra=[Holder()])
+    learn.fit(1)
+    with pytest.raises(TypeError, match=r"cannot save checkpoint\['callbacks'\]\['Holder'\]"
+                                        r"\['fn'\]: it is a builtins.function"):
+        learn.save(str(tmp_path / "x.pt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- how files are written: umask, failures ----------------------------------------------------
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["022", "077", "002"])
+def test_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    from nanofit import SaveBestCB
+
+    old = os.umask(umask)
+    try:
+        learn = make_learner(extra=[SaveBestCB("loss", tmp_path / "best.pt")])
+        learn.fit(1, cbs=[CheckpointCB(tmp_path / "ckpts")])
+        files = [Path(learn.save(str(tmp_path / "ckpt.pt"))), tmp_path / "best.pt",
+                 *(tmp_path / "ckpts").glob("*.pt")]
+    finally:
+        os.umask(old)
+    assert len(files) == 3 and all(f.stat().st_mode & 0o777 == mode for f in files)
+
+
+def _no_temp_files(folder):
+    return [p for p in Path(folder).rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_write_failures_name_the_file_and_leave_no_temporary_file(tmp_path, monkeypatch):
+    learn = make_learner()
+    learn.fit(1)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    path = tmp_path / "afile" / "ckpt.pt"
+    with pytest.raises(OSError, match=f"cannot write '{path}'") as info:
+        learn.save(str(path))
+    assert isinstance(info.value.__cause__, OSError)
+    good = Path(learn.save(str(tmp_path / "ckpt.pt")))
+    before = good.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=f"cannot write '{good}' \\(No space left on device\\)") \
+            as info:
+        learn.save(str(good))
+    assert info.value.errno == 28 and info.value.__cause__.strerror == "No space left on device"
+    assert good.read_bytes() == before and _no_temp_files(tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_a_read_only_folder_gives_a_permission_error_naming_the_file(tmp_path):
+    learn = make_learner()
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match=f"cannot write '{folder / 'c.pt'}'"):
+            learn.save(str(folder / "c.pt"))
+    finally:
+        folder.chmod(0o755)
+    assert list(folder.iterdir()) == []

@@ -1,6 +1,10 @@
 """get_preds, predict, tta, export and load_learner."""
+import os
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -117,3 +121,63 @@ def test_export_of_a_custom_module_and_unsafe_files(tmp_path):
         with pytest.raises(ValueError, match="refusing to call it"):
             load_learner(evil)
     assert "torch._dynamo" not in sys.modules or "torch._dynamo" in before
+
+
+def test_export_holds_plain_values_numpy_ones_included(tmp_path):
+    learn, xv, _ = image_learner()
+    learn.model = simple_cnn(1, np.int64(3), nfs=(4, 8))  # a NumPy argument, recorded
+    learn.model.load_state_dict(image_learner()[0].model.state_dict())
+    learn.dls = SimpleNamespace(train=learn.dls.train, valid=learn.dls.valid,
+                                vocab=np.array(["cat", "dog", "emu"]))  # NumPy strings
+    loaded = load_learner(learn.export(str(tmp_path / "model.pt")))
+    assert loaded.vocab == ["cat", "dog", "emu"] and type(loaded.vocab[0]) is str
+    assert torch.allclose(loaded.predict(xv), learn.predict(xv), atol=1e-6)
+
+
+def test_export_files_get_the_umask_mode_and_write_failures_name_the_file(tmp_path):
+    learn, _, _ = image_learner()
+    old = os.umask(0o022)
+    try:
+        path = learn.export(str(tmp_path / "model.pt"))
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    (tmp_path / "afile").write_text("a file, not a folder")
+    with pytest.raises(OSError, match=f"cannot write '{tmp_path / 'afile' / 'm.pt'}'"):
+        learn.export(str(tmp_path / "afile" / "m.pt"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "model.pt"]
+
+
+def test_every_damaged_export_gives_a_clear_error_naming_the_file(tmp_path):
+    import warnings
+
+    from tests.test_checkpoint import assert_only_clear_errors, damaged_variants, pickle_span
+
+    learn, _, _ = image_learner()
+    good = Path(learn.export(str(tmp_path / "model.pt"))).read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about odd pickle protocols
+        assert_only_clear_errors(damaged_variants(good, pickle_span(good), 0, 150, n_cuts=40),
+                                 tmp_path, load_learner)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_learner(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("entries, problem", [
+    ({"version": 2}, "'version' is not a format version"),
+    ({"model": {"w": [1.0]}}, "'model' is not a dict of tensors"),
+    ({"kwargs": {1: 2}}, "'kwargs' is not a dict of keyword arguments"),
+    ({"normalize": {"mean": [0.5], "std": [0.0]}}, "'normalize' is not"),
+    ({"normalize": {"mean": [0.5]}}, "'normalize' is not"),
+    ({"n_inp": 0}, "'n_inp' is not"),
+    ({"args": [1, 3], "kwargs": {"nfs": [4, 9]}}, r"does not fit this model .*differing"),
+    ({"args": [1, 3], "kwargs": {"nfs": "wide"}}, r"its constructor .*simple_cnn.* failed"),
+])
+def test_an_export_with_the_wrong_structure_is_refused_naming_the_file(tmp_path, entries,
+                                                                      problem):
+    learn, _, _ = image_learner()
+    good = torch.load(learn.export(str(tmp_path / "model.pt")), weights_only=True)
+    path = tmp_path / "odd.pt"
+    torch.save({**good, **entries}, path)
+    with pytest.raises(ValueError, match=f"exported learner '{path}'.*{problem}"):
+        load_learner(path)

@@ -3,18 +3,20 @@
 A checkpoint holds the model, the optimizer (state and hyper-parameters), the loop position
 (epoch, training batches done, whether the training phase is done), the RNG states now and at
 the start of the current epoch (so the epoch's shuffled order can be replayed), and the state
-of every callback with `state_dict()`. It is read with `torch.load(weights_only=True)`:
-loading never runs code from the file.
+of every callback with `state_dict()`. It holds only tensors and plain Python values and is
+read with `torch.load(weights_only=True)`: loading never runs code from the file. A load is
+all or nothing: a checkpoint that does not fit the learner is refused before anything changes.
 """
 from __future__ import annotations
 
+import errno
 import os
-import pickle
-import tempfile
+import re
+import secrets
 import warnings
-import zipfile
+from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,17 +25,20 @@ import torch
 from .checks import check_first_batch
 from .data import rebuild_loader
 from .distributed import unwrap_model
-from .torch_utils import get_rng_state, loader_generators, set_rng_state
+from .optim import make_optimizer
+from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
 
 if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ["LoopPosition", "save", "load", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "newest_checkpoint", "read_for_resume", "atomic_save", "capture_rng", "restore_rng"]
+           "newest_checkpoint", "read_for_resume", "atomic_save", "capture_rng", "restore_rng",
+           "plain_state", "load_file", "check_weights", "check_loadable", "is_weights"]
 
 FORMAT = "nanofit.checkpoint"
 VERSION = 1
 SUFFIX = ".pt"
+HYPER_KEYS = ("lr", "momentum", "betas", "weight_decay", "alpha")  # what nanofit reads by name
 
 
 # ---- RNG states as plain tensors and numbers (what weights_only loading accepts) ------------
@@ -66,33 +71,230 @@ def restore_rng(state: dict[str, Any], dls: Any) -> None:
         g.set_state(s)
 
 
-# ---- writing and reading ------------------------------------------------------------------
+# ---- plain values: all that torch.load(weights_only=True) reads back --------------------------
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.device,
+           torch.dtype, torch.Size)
+
+
+def plain_state(obj: Any, where: str = "state") -> Any:
+    """`obj` with every value a checkpoint cannot hold turned into plain Python: NumPy numbers
+    and 0-d arrays into int/float/bool, other arrays into lists, paths into str, tuple/dict
+    subclasses (namedtuples, defaultdicts) into tuple/dict. Tensors stay; parts that need no
+    change are returned as they are. Anything else is refused here, naming where it is
+    (`where`), rather than written into a file that would then refuse to load."""
+    if type(obj) in _LEAVES or isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        return _plain_dict(obj, where)
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return _plain_collection(obj, where)
+    return _plain_scalar(obj, where)
+
+
+def _plain_dict(obj: dict, where: str) -> dict:
+    items = [(plain_state(k, where), v if type(v) in _LEAVES else plain_state(v, f"{where}[{k!r}]"))
+             for k, v in obj.items()]
+    kept = type(obj) in (dict, OrderedDict)
+    if kept and all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items())):
+        return obj  # unchanged: a module's state dict keeps its _metadata
+    out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
+    if hasattr(obj, "_metadata"):
+        out._metadata = obj._metadata  # type: ignore[attr-defined]
+    return out
+
+
+def _plain_collection(obj: list | tuple | set | frozenset, where: str) -> Any:
+    items = [x if type(x) in _LEAVES else plain_state(x, f"{where}[{i}]")
+             for i, x in enumerate(obj)]
+    if type(obj) in (list, tuple, set) and all(x is y for x, y in zip(items, obj)):
+        return obj
+    if isinstance(obj, (set, frozenset)):
+        return set(items)
+    return items if isinstance(obj, list) else tuple(items)  # namedtuples become tuples
+
+
+def _plain_scalar(obj: Any, where: str) -> Any:
+    if isinstance(obj, np.ndarray):
+        return plain_state(obj.tolist(), where)
+    if isinstance(obj, np.generic):
+        return plain_state(obj.item(), where)
+    # Subclasses of the plain types (IntEnum, StrEnum...) would pickle as their own class.
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, complex):
+        return complex(obj)
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise TypeError(f"cannot save {where}: it is a {type(obj).__module__}.{type(obj).__name__}, "
+                    "and nanofit files hold only tensors and plain Python values (numbers, "
+                    "strings, lists, tuples, dicts), so that loading them runs no code; "
+                    "return such values from state_dict()")
+
+
+# ---- writing files ----------------------------------------------------------------------------
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, flush and fsync, then rename over
-    `path`: a crash at any point leaves either the old file or the new one, never half."""
+    `path`: a crash at any point leaves either the old file or the new one, never half. A
+    failure to write raises an OSError of the same kind (errno) naming `path`, and leaves no
+    temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = _new_temp_file(path)
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)  # make the rename itself durable
+    return path
+
+
+def _new_temp_file(path: Path) -> tuple[int, Path]:
+    """A new, empty file next to `path`, opened for writing. Created with mode 0o666 as
+    open() and torch.save do, so the OS applies the umask (no need to read it); mkstemp's
+    0o600 would survive the rename."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
+
+
+def _write_error(path: Path, e: OSError) -> OSError:
+    """`e` (its errno, so its class: PermissionError...) told as a failure to write `path`."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is not None and str(e.filename) != str(path):
+        reason += f": {str(e.filename)!r}"
+    message = f"cannot write {str(path)!r} ({reason}); an earlier file there is unchanged"
+    return OSError(e.errno, message) if e.errno is not None else OSError(message)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
         pass  # not every file system lets a folder be fsynced
-    return path
 
 
+# ---- reading files ----------------------------------------------------------------------------
+def load_file(path: Path, what: str, fix: str, map_location: Any = "cpu") -> Any:
+    """torch.load(path, weights_only=True): no code from the file runs. Whatever torch raises
+    about the file's content becomes a ValueError naming the file, `what` it should be and
+    the `fix`; failing to open it (permissions...) is the OSError of open(), naming it."""
+    with open(path, "rb") as f:
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as e:  # the unpickler and the zip reader raise all kinds
+            raise _read_error(path, what, fix, e) from _cause(e)
+
+
+def _read_error(path: Path, what: str, fix: str, e: Exception) -> ValueError:
+    unsafe = _unsafe_global(e)
+    if unsafe:
+        return ValueError(f"refusing to load {what} {str(path)!r}: it holds objects other than "
+                          f"tensors and plain data (it names {unsafe}), and nanofit never runs "
+                          "code from a file")
+    return ValueError(f"cannot read {what} {str(path)!r}: the file is truncated or corrupt "
+                      f"({type(e).__name__}: {_reason(e)}); {fix}")
+
+
+def _unsafe_global(e: Exception) -> str | None:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    return found[1] if found else None
+
+
+def _cause(e: Exception) -> Exception | None:
+    """Chain torch's error, except its advice to load an unsafe file with weights_only=False."""
+    return None if _unsafe_global(e) else e
+
+
+def _reason(e: BaseException) -> str:
+    """The useful line of torch's message (the unpickler's own error, not its advice)."""
+    text = str(e)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    lines = [found[1]] if found else [line for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else "no details"
+
+
+def _damaged(path: str, problem: str) -> ValueError:
+    return ValueError(f"checkpoint {path!r} is damaged or was not written by nanofit: "
+                      f"{problem}; use an earlier checkpoint")
+
+
+def is_weights(value: Any) -> bool:
+    """A state dict: str keys, tensor values (a module's `_extra_state` may be anything)."""
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+        for k, v in value.items())
+
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_lr(value: Any) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                for v in values)
+
+
+def _is_opt_state(value: Any) -> bool:
+    """What torch's Optimizer.state_dict() gives: {'state': {...}, 'param_groups': [...]}."""
+    if not isinstance(value, dict) or not isinstance(value.get("state"), dict):
+        return False
+    groups = value.get("param_groups")
+    return isinstance(groups, list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list)
+        and all(_is_int(p) for p in g["params"]) for g in groups)
+
+
+def _is_position(value: Any) -> bool:
+    return (isinstance(value, dict) and _is_int(value.get("epoch"))
+            and _is_int(value.get("batches_done")) and isinstance(value.get("train_done"), bool))
+
+
+def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
+    """What in a checkpoint's entries is not what save_checkpoint (or SaveBestCB) writes."""
+    checks = [
+        ("model", is_weights, "a dict of tensors"),
+        ("opt", lambda v: v is None or _is_opt_state(v), "an optimizer state dict"),
+        ("opt_type", lambda v: v is None or isinstance(v, str), "a class name"),
+        ("lr", lambda v: v is None or _is_lr(v), "a number or a list of numbers"),
+        ("n_batches", lambda v: v is None or _is_int(v), "a number of batches"),
+        ("n_epochs", lambda v: v is None or _is_int(v), "a number of epochs"),
+        ("position", lambda v: v is None or _is_position(v),
+         "{'epoch': int, 'batches_done': int, 'train_done': bool}"),
+        ("rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
+        ("epoch_rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
+        ("callbacks", lambda v: v is None or (isinstance(v, dict)
+                                              and all(isinstance(k, str) for k in v)),
+         "a dict of callback states"),
+    ]
+    return [f"{key!r} is not {kind} (got {type(ckpt.get(key)).__name__})"
+            for key, ok, kind in checks if not ok(ckpt.get(key))]
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
 def _cb_keys(cbs: list[Any]) -> list[tuple[str, Any]]:
     """Stable names for the callbacks that have state: class name, '#2' for a second one."""
     seen: dict[str, int] = {}
@@ -107,7 +309,8 @@ def _cb_keys(cbs: list[Any]) -> list[tuple[str, Any]]:
 
 
 def save_checkpoint(learn: Learner, path: str | Path) -> Path:
-    """Write everything a resume needs to `path` (atomically); returns the path."""
+    """Write everything a resume needs to `path` (atomically); returns the path. Values are
+    stored as tensors and plain Python (see `plain_state`), so the file always loads."""
     pos = learn.position
     epoch, done, train_done = pos.now(learn)
     mid_valid = pos.fitting and not learn.training and not pos.phase_done
@@ -116,7 +319,7 @@ def save_checkpoint(learn: Learner, path: str | Path) -> Path:
         "format": FORMAT, "version": VERSION,
         "model": unwrap_model(learn.model).state_dict(),  # loadable without DDP
         "opt": learn.opt.state_dict() if learn.opt is not None else None,
-        "opt_type": type(learn.opt.opt).__name__ if learn.opt is not None else None,
+        "opt_type": _opt_class(learn.opt) if learn.opt is not None else None,
         "n_batches": pos.n_train,
         "lr": learn.lr,
         "n_epochs": learn.n_epochs,
@@ -125,7 +328,7 @@ def save_checkpoint(learn: Learner, path: str | Path) -> Path:
         "epoch_rng": pos.epoch_rng if done and not train_done else None,
         "callbacks": {key: cb.state_dict() for key, cb in _cb_keys(learn.cbs)},
     }
-    return atomic_save(ckpt, path)
+    return atomic_save(plain_state(ckpt, "checkpoint"), path)
 
 
 def save(learn: Learner, path: str | Path) -> str:
@@ -137,7 +340,8 @@ def save(learn: Learner, path: str | Path) -> str:
 
 def load(learn: Learner, path: str | Path, with_opt: bool = True) -> Learner:
     """`learn.load(path)`: the weights (and, with `with_opt`, the optimizer) from a checkpoint
-    file, or the newest in a folder; `fit(resume=path)` also continues the run."""
+    file, or the newest in a folder; `fit(resume=path)` also continues the run. All or
+    nothing: a checkpoint that does not fit leaves the learner as it was."""
     load_checkpoint(learn, read_checkpoint(path), with_opt)
     return learn
 
@@ -151,38 +355,46 @@ def newest_checkpoint(folder: str | Path) -> Path:
     return max(files, key=lambda f: (f.stat().st_mtime_ns, f.name))
 
 
+class _CallbackStates(dict):
+    """The callbacks' states read from a checkpoint, and the file they came from (`path`),
+    which errors name."""
+
+    path = "?"
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a checkpoint file (or the newest in a folder) without running its code."""
+    """Load and check a checkpoint file (or the newest in a folder) without running its code.
+    Every problem with the file is a ValueError naming it (FileNotFoundError if missing)."""
     path = Path(path)
     if path.is_dir():
         path = newest_checkpoint(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {str(path)!r}: it holds objects other than tensors "
-                         f"and plain data, and nanofit never runs code from a checkpoint "
-                         f"({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: the file is truncated or "
-                         f"corrupt ({type(e).__name__}: {first}); "
-                         "use an earlier checkpoint") from None
+    ckpt = load_file(path, "checkpoint", "use an earlier checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a nanofit checkpoint (no '{FORMAT}' marker); "
                          "load plain state dicts with model.load_state_dict(torch.load(...))")
-    if ckpt.get("version", 0) > VERSION:
+    if not _is_int(ckpt.get("version"), 1):
+        raise _damaged(str(path), f"its format version is {ckpt.get('version')!r}")
+    if ckpt["version"] > VERSION:
         raise ValueError(f"{str(path)!r} was written by a newer nanofit (format version "
                          f"{ckpt['version']} > {VERSION}); upgrade nanofit to read it")
+    problems = _structure_problems(ckpt)
+    if problems:
+        raise _damaged(str(path), "; ".join(problems))
     ckpt["path"] = str(path)
+    ckpt["callbacks"] = _CallbackStates(ckpt.get("callbacks") or {})
+    ckpt["callbacks"].path = str(path)
     return ckpt
 
 
 def read_for_resume(path: str | Path, learn: Learner, n_epochs: int) -> dict[str, Any]:
-    """Read a checkpoint to resume from, refusing or warning about what cannot work."""
+    """Read a checkpoint to resume from, refusing or warning about what cannot work. Refused
+    before the fit changes anything: the weights, optimizer and RNG states are checked here."""
     ckpt = read_checkpoint(path)
     check_resumable(ckpt, learn, n_epochs)
+    check_loadable(learn, ckpt)
+    _check_rng_states(ckpt, learn)
     return ckpt
 
 
@@ -211,28 +423,131 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, n_epochs: int) -> None
                       "original; use persistent_workers=False for a bit-exact resume")
 
 
-def load_checkpoint(learn: Learner, ckpt: dict[str, Any], with_opt: bool = True) -> None:
-    """Put the checkpoint's model weights (and optimizer) into the learner."""
-    try:
-        unwrap_model(learn.model).load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {ckpt['path']!r} does not fit this model: {e}") from None
-    if with_opt and ckpt.get("opt") is not None:
-        if learn.opt is None:
-            learn.lr = ckpt.get("lr", learn.lr)
-            learn.create_opt()
-        if learn.opt is None:
-            return
-        saved, mine = ckpt.get("opt_type"), type(learn.opt.opt).__name__
-        if saved is not None and saved != mine:
-            raise ValueError(f"checkpoint {ckpt['path']!r} holds a {saved} optimizer, the learner "
-                             f"has {mine}: use the same opt_func, or load(path, with_opt=False)")
+def _check_rng_states(ckpt: dict[str, Any], learn: Learner) -> None:
+    """Refuse RNG states that would not restore, by restoring them and then putting every RNG
+    back as it was."""
+    pos = ckpt["position"]
+    mid_epoch = pos["batches_done"] and not pos["train_done"]
+    for key in ("rng", "epoch_rng") if mid_epoch else ("rng",):
         try:
-            learn.opt.load_state_dict(ckpt["opt"])
-        except ValueError as e:
-            raise ValueError(f"checkpoint {ckpt['path']!r}: its optimizer does not fit this "
-                             f"learner's ({e}); the param groups come from Learner(splitter=...), "
-                             "which must match the run that saved it") from None
+            with preserved_rng(learn.dls), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the real restore warns, if need be
+                restore_rng(ckpt[key], learn.dls)
+        except Exception as e:
+            raise _damaged(ckpt["path"], f"its RNG state {key!r} does not restore "
+                                         f"({type(e).__name__}: {e})") from e
+
+
+# ---- putting a checkpoint into a learner: everything is checked before anything changes -------
+def check_weights(model: torch.nn.Module, weights: dict[str, Any], source: str,
+                  dtypes: bool = True) -> None:
+    """Refuse `weights` (from `source`, e.g. "checkpoint 'x.pt'") unless they have exactly
+    `model`'s state-dict keys and shapes (and, with `dtypes`, dtypes). torch's
+    load_state_dict would copy the matching tensors before raising about the others."""
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in weights]
+    unexpected = [k for k in weights if k not in mine]
+    differ = [f"{k} {_describe(weights[k])} vs {_describe(v)}" for k, v in mine.items()
+              if isinstance(v, torch.Tensor) and k in weights
+              and not _same_kind(weights[k], v, dtypes)]
+    problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                    ("differing (file vs model)", differ)) if keys]
+    if problems:
+        raise ValueError(f"{source} does not fit this model ({type(model).__name__}): "
+                         f"{'; '.join(problems)}. Build the model as in the run that saved it")
+
+
+def _describe(t: Any) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+    return type(t).__name__
+
+
+def _same_kind(saved: Any, mine: torch.Tensor, dtypes: bool) -> bool:
+    return (isinstance(saved, torch.Tensor) and saved.shape == mine.shape
+            and (not dtypes or saved.dtype == mine.dtype))
+
+
+def check_loadable(learn: Learner, ckpt: dict[str, Any], with_opt: bool = True) -> None:
+    """Refuse, before anything changes, a checkpoint that `load_checkpoint` would refuse."""
+    _checked_opt(learn, ckpt, with_opt)
+
+
+def load_checkpoint(learn: Learner, ckpt: dict[str, Any], with_opt: bool = True) -> None:
+    """Put the checkpoint's model weights (and optimizer) into the learner, all or nothing:
+    the weights' keys, shapes and dtypes, the optimizer's class and param groups, and its
+    state (loaded into a new optimizer, or by torch after its own checks) are checked before
+    the learner changes."""
+    opt = _checked_opt(learn, ckpt, with_opt)
+    if opt is not None and opt is learn.opt:
+        _load_opt_state(opt, ckpt)  # torch checks it all before it changes the optimizer
+    unwrap_model(learn.model).load_state_dict(ckpt["model"])
+    if opt is not None and opt is not learn.opt:  # made for the checkpoint: the learner's now
+        learn.lr, learn.opt = _saved_lr(learn, ckpt), opt
+
+
+def _checked_opt(learn: Learner, ckpt: dict[str, Any], with_opt: bool) -> Any:
+    """Check the weights and the optimizer against the learner; return the optimizer the
+    checkpoint's state goes into: learn.opt, or a new one that holds it already."""
+    check_weights(unwrap_model(learn.model), ckpt["model"], f"checkpoint {ckpt['path']!r}")
+    opt = _target_opt(learn, ckpt) if with_opt else None
+    if opt is not None:
+        _check_opt_fits(opt, ckpt)
+        if opt is not learn.opt:
+            _load_opt_state(opt, ckpt)  # not the learner's yet: a failure changes nothing
+    return opt
+
+
+def _opt_class(opt: Any) -> str:
+    """The optimizer's class name (`opt.opt`: the torch optimizer, where it is wrapped)."""
+    return type(getattr(opt, "opt", opt)).__name__
+
+
+def _saved_lr(learn: Learner, ckpt: dict[str, Any]) -> Any:
+    return learn.lr if ckpt.get("lr") is None else ckpt["lr"]
+
+
+def _target_opt(learn: Learner, ckpt: dict[str, Any]) -> Any:
+    """learn.opt, or a new optimizer made as `learn.create_opt` would (at the checkpoint's lr);
+    None when there is no optimizer state to load or nothing to load it into."""
+    if ckpt.get("opt") is None:
+        return None
+    if learn.opt is not None:
+        return learn.opt
+    if learn.opt_func is None:
+        return None
+    return make_optimizer(learn.opt_func, learn.model, learn.splitter, _saved_lr(learn, ckpt))
+
+
+def _check_opt_fits(opt: Any, ckpt: dict[str, Any]) -> None:
+    path, saved, mine = ckpt["path"], ckpt.get("opt_type"), _opt_class(opt)
+    torch_like = hasattr(opt, "param_groups") and callable(getattr(opt, "load_state_dict", None))
+    if (saved is not None and saved != mine) or not torch_like:
+        raise ValueError(f"checkpoint {path!r} holds a {saved} optimizer, the learner "
+                         f"has {mine}{'' if torch_like else ' (not a torch optimizer)'}: use "
+                         "the same opt_func, or load(path, with_opt=False)")
+    theirs = [len(g["params"]) for g in ckpt["opt"]["param_groups"]]
+    ours = [len(g["params"]) for g in opt.param_groups]
+    if theirs != ours:
+        raise ValueError(f"checkpoint {path!r}: its optimizer has {len(theirs)} param groups "
+                         f"of {theirs} parameters, this learner's has {len(ours)} of {ours}; "
+                         "the param groups come from Learner(splitter=...), which must match "
+                         "the run that saved it (or load(path, with_opt=False))")
+    for group in ckpt["opt"]["param_groups"]:
+        absent = [k for k in HYPER_KEYS if k in opt.param_groups[0] and k not in group]
+        if absent:
+            raise _damaged(path, f"its optimizer's param groups lack {absent}")
+
+
+def _load_opt_state(opt: Any, ckpt: dict[str, Any]) -> None:
+    try:
+        opt.load_state_dict(ckpt["opt"])
+    except Exception as e:
+        raise ValueError(f"checkpoint {ckpt['path']!r}: its optimizer state does not load into "
+                         f"this learner's {_opt_class(opt)} ({type(e).__name__}: {e}); "
+                         "use the same opt_func and splitter as the run that saved it, or "
+                         "load(path, with_opt=False)") from e
 
 
 def _load_cb_states(learn: Learner, states: dict[str, Any]) -> None:
@@ -241,9 +556,16 @@ def _load_cb_states(learn: Learner, states: dict[str, Any]) -> None:
     if missing:
         warnings.warn(f"the checkpoint has state for callbacks {missing} that this fit does not "
                       "have; their state is ignored")
+    path = getattr(states, "path", "?")
     for key, cb in mine.items():
         if key in states:
-            cb.load_state_dict(states[key])
+            try:
+                cb.load_state_dict(states[key])
+            except Exception as e:
+                raise ValueError(f"checkpoint {path!r}: the state saved for callback {key} does "
+                                 f"not load into it ({type(e).__name__}: {e}); resume with the "
+                                 "callbacks of the run that saved it, or use an earlier "
+                                 "checkpoint") from e
 
 
 # ---- skipping the batches a resumed epoch already trained on --------------------------------

@@ -13,7 +13,7 @@ from torch.utils.data import RandomSampler
 from .augment import Normalize, random_flip
 from .callback import Callback, Order, runs_in
 from .callbacks.transforms import BatchTransformCB
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, check_weights, is_weights, load_file, plain_state
 from .data import DataLoaders, TensorLoader
 from .distributed import unwrap_model
 from .images import show_images
@@ -30,6 +30,7 @@ __all__ = ["get_preds", "predict", "tta", "export", "read_export", "show_results
            "exportable"]  # exportable: at home in registry.py, importable here as before
 
 EXPORT_FORMAT = "nanofit.export"
+EXPORT_VERSION = 1
 
 
 class _Capture(Callback):
@@ -153,6 +154,18 @@ def _plain(value: Any) -> bool:
     return False
 
 
+def _plain_args(args: list, kwargs: dict) -> tuple[list, dict]:
+    """The constructor's arguments as plain data (NumPy numbers become int/float), or refused."""
+    try:
+        args, kwargs = plain_state([list(args), dict(kwargs)], "export args")
+    except TypeError:
+        pass  # refused below, with the values
+    if not _plain([args, kwargs]):
+        raise ValueError("export: the model's arguments must be plain data (numbers, strings, "
+                         f"lists, dicts), got args={args!r} kwargs={kwargs!r}")
+    return args, kwargs
+
+
 def export(learn: Learner, path: str | Path, model_fn: Callable | None = None,
            args: tuple = (), kwargs: dict | None = None) -> str:
     """`learn.export(path)`: save what `nanofit.load_learner` needs to rebuild the learner for
@@ -170,9 +183,7 @@ def export(learn: Learner, path: str | Path, model_fn: Callable | None = None,
         raise ValueError(f"export needs to know how to rebuild the {type(model).__name__}: pass "
                          "model_fn= (its class or builder) with args=/kwargs=, or build it with "
                          "a builder marked @nanofit.exportable (simple_cnn, resnet are)")
-    if not _plain([arg_list, kwargs]):
-        raise ValueError("export: the model's arguments must be plain data (numbers, strings, "
-                         f"lists, dicts), got args={arg_list!r} kwargs={kwargs!r}")
+    arg_list, kwargs = _plain_args(arg_list, kwargs)
     rebuilt = resolve(ref, (model_fn,) if model_fn is not None else ())(*arg_list, **kwargs)
     mine, theirs = _shapes(model), _shapes(rebuilt)
     differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
@@ -182,11 +193,11 @@ def export(learn: Learner, path: str | Path, model_fn: Callable | None = None,
     norm = next((cb.tfm for cb in learn.cbs if isinstance(cb, BatchTransformCB)
                  and isinstance(cb.tfm, Normalize) and cb.on_val), None)
     vocab = getattr(learn.dls, "vocab", None) if learn.dls is not None else None
-    saved = {"format": EXPORT_FORMAT, "version": 1, "constructor": ref, "args": arg_list,
-             "kwargs": kwargs, "model": model.state_dict(), "n_inp": learn.n_inp,
-             "item_ndim": _item_ndim(learn), "vocab": vocab,
+    saved = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "constructor": ref,
+             "args": arg_list, "kwargs": kwargs, "model": model.state_dict(),
+             "n_inp": learn.n_inp, "item_ndim": _item_ndim(learn), "vocab": vocab,
              "normalize": None if norm is None else {"mean": norm.mean, "std": norm.std}}
-    return str(atomic_save(saved, path))
+    return str(atomic_save(plain_state(saved, "export"), path))
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -197,19 +208,84 @@ def read_export(path: str | Path, cpu: bool = True,
                 allowed: tuple = ()) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model rebuilt from an export file and the file's other entries (`load_learner`).
     Runs no code from the file: the constructor is looked up by name among the @exportable
-    ones and `allowed` (see registry.py)."""
-    try:
-        obj = torch.load(path, map_location="cpu" if cpu else None, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read exported learner {str(path)!r}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    ones and `allowed` (see registry.py). Every problem with the file is a ValueError naming
+    it (FileNotFoundError if it is missing)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"exported learner {str(path)!r} does not exist")
+    obj = load_file(path, "exported learner", "export the learner again",
+                    map_location="cpu" if cpu else None)
     if not isinstance(obj, dict) or obj.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a nanofit export (from learn.export); "
                          "checkpoints load with learn.load")
-    model = resolve(obj["constructor"], tuple(allowed))(*obj["args"], **obj["kwargs"])
+    problems = _export_problems(obj)
+    if problems:
+        raise ValueError(f"exported learner {str(path)!r} is damaged or was not written by "
+                         f"nanofit: {'; '.join(problems)}; export the learner again")
+    try:
+        ctor = resolve(obj["constructor"], tuple(allowed))
+    except ValueError as e:
+        raise ValueError(f"{e} (in {str(path)!r})") from None
+    model = _rebuild(ctor, obj, f"exported learner {str(path)!r}")
     model.load_state_dict(obj["model"])
     model.eval()
     return model, obj
+
+
+def _export_problems(obj: dict[str, Any]) -> list[str]:
+    """What in an export's entries is not what `export` writes (load_learner reads them all)."""
+    checks = [
+        ("version", lambda v: isinstance(v, int) and 1 <= v <= EXPORT_VERSION,
+         f"a format version this nanofit reads (1 to {EXPORT_VERSION})"),
+        ("constructor", lambda v: isinstance(v, str), "a constructor name"),
+        ("args", lambda v: isinstance(v, (list, tuple)), "a list of arguments"),
+        ("kwargs", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+         "a dict of keyword arguments"),
+        ("model", is_weights, "a dict of tensors"),
+        ("n_inp", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+         "a number of inputs >= 1"),
+        ("item_ndim", lambda v: v is None or (isinstance(v, int) and v >= 0),
+         "a number of dimensions"),
+        ("vocab", lambda v: v is None or isinstance(v, (list, tuple)), "a list"),
+        ("normalize", _is_normalize, "{'mean': ..., 'std': ...} for Normalize"),
+    ]
+    values = {"n_inp": 1, **obj}  # load_learner's default for files without it
+    return [f"{key!r} is not {kind} (got {values.get(key)!r:.80})"
+            for key, ok, kind in checks if not ok(values.get(key))]
+
+
+def _is_normalize(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        Normalize(value["mean"], value["std"])  # what load_learner will do with it
+    except Exception:
+        return False
+    return True
+
+
+def _rebuild(ctor: Callable, obj: dict[str, Any], source: str) -> torch.nn.Module:
+    """`ctor(*args, **kwargs)`, checked against the saved weights' keys and shapes: first on
+    the meta device (no memory, so damaged arguments cannot allocate a huge model), then
+    for real."""
+    args, kwargs = obj["args"], obj["kwargs"]
+    try:
+        with torch.device("meta"):
+            probe = ctor(*args, **kwargs)
+    except Exception:
+        probe = None  # a constructor that cannot run on the meta device: checked once built
+    if isinstance(probe, torch.nn.Module):
+        check_weights(probe, obj["model"], source, dtypes=False)
+    try:
+        model = ctor(*args, **kwargs)
+    except Exception as e:
+        raise ValueError(f"{source}: its constructor {obj['constructor']}(*{args!r:.80}, "
+                         f"**{kwargs!r:.80}) failed ({type(e).__name__}: {e})") from e
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"{source}: its constructor {obj['constructor']} returned a "
+                         f"{type(model).__name__}, not a torch.nn.Module")
+    check_weights(model, obj["model"], source, dtypes=False)
+    return model
 
 
 def show_results(learn: Learner, n: int = 9, ncols: int | None = None,
