@@ -64,9 +64,10 @@ def test_resume_from_any_batch_is_bit_exact(loader):
 
 
 def test_assert_resumable_catches_a_broken_resume(monkeypatch):
-    from nanofit import checkpoint
+    from nanofit import checkpoint, resume
 
-    monkeypatch.setattr(checkpoint, "restore_rng", lambda state, dls: None)  # forgets the RNG
+    for module in (checkpoint, resume):  # a resume that forgets the RNG
+        monkeypatch.setattr(module, "restore_rng", lambda state, dls: None)
     with pytest.raises(AssertionError, match="differs from the uninterrupted run in: state.model"):
         assert_resumable(make_learner, 2, stop_at=[1])
 

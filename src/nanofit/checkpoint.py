@@ -9,31 +9,25 @@ all or nothing: a checkpoint that does not fit the learner is refused before any
 """
 from __future__ import annotations
 
-import errno
-import os
-import re
-import secrets
 import warnings
-from collections import OrderedDict
-from collections.abc import Iterator
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .checks import check_first_batch
-from .data import rebuild_loader
 from .distributed import unwrap_model
+from .files import atomic_save, load_file, plain_state
 from .optim import make_optimizer
 from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
 
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["LoopPosition", "save", "load", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "newest_checkpoint", "read_for_resume", "atomic_save", "capture_rng", "restore_rng",
-           "plain_state", "load_file", "check_weights", "check_loadable", "is_weights"]
+__all__ = ["save", "load", "save_checkpoint", "read_checkpoint", "load_checkpoint",
+           "newest_checkpoint", "read_for_resume", "capture_rng", "restore_rng", "load_cb_states",
+           "check_weights", "check_loadable", "is_weights",
+           "atomic_save", "plain_state", "load_file"]  # at home in files.py
 
 FORMAT = "nanofit.checkpoint"
 VERSION = 1
@@ -69,171 +63,6 @@ def restore_rng(state: dict[str, Any], dls: Any) -> None:
                       f"{len(gens)}: the shuffled order will differ from the original run")
     for g, s in zip(gens, state["loaders"]):
         g.set_state(s)
-
-
-# ---- plain values: all that torch.load(weights_only=True) reads back --------------------------
-_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.device,
-           torch.dtype, torch.Size)
-
-
-def plain_state(obj: Any, where: str = "state") -> Any:
-    """`obj` with every value a checkpoint cannot hold turned into plain Python: NumPy numbers
-    and 0-d arrays into int/float/bool, other arrays into lists, paths into str, tuple/dict
-    subclasses (namedtuples, defaultdicts) into tuple/dict. Tensors stay; parts that need no
-    change are returned as they are. Anything else is refused here, naming where it is
-    (`where`), rather than written into a file that would then refuse to load."""
-    if type(obj) in _LEAVES or isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        return _plain_dict(obj, where)
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return _plain_collection(obj, where)
-    return _plain_scalar(obj, where)
-
-
-def _plain_dict(obj: dict, where: str) -> dict:
-    items = [(plain_state(k, where), v if type(v) in _LEAVES else plain_state(v, f"{where}[{k!r}]"))
-             for k, v in obj.items()]
-    kept = type(obj) in (dict, OrderedDict)
-    if kept and all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, obj.items())):
-        return obj  # unchanged: a module's state dict keeps its _metadata
-    out = OrderedDict(items) if isinstance(obj, OrderedDict) else dict(items)
-    if hasattr(obj, "_metadata"):
-        out._metadata = obj._metadata  # type: ignore[attr-defined]
-    return out
-
-
-def _plain_collection(obj: list | tuple | set | frozenset, where: str) -> Any:
-    items = [x if type(x) in _LEAVES else plain_state(x, f"{where}[{i}]")
-             for i, x in enumerate(obj)]
-    if type(obj) in (list, tuple, set) and all(x is y for x, y in zip(items, obj)):
-        return obj
-    if isinstance(obj, (set, frozenset)):
-        return set(items)
-    return items if isinstance(obj, list) else tuple(items)  # namedtuples become tuples
-
-
-def _plain_scalar(obj: Any, where: str) -> Any:
-    if isinstance(obj, np.ndarray):
-        return plain_state(obj.tolist(), where)
-    if isinstance(obj, np.generic):
-        return plain_state(obj.item(), where)
-    # Subclasses of the plain types (IntEnum, StrEnum...) would pickle as their own class.
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj)
-    if isinstance(obj, complex):
-        return complex(obj)
-    if isinstance(obj, str):
-        return str.__str__(obj)
-    if isinstance(obj, PurePath):
-        return str(obj)
-    raise TypeError(f"cannot save {where}: it is a {type(obj).__module__}.{type(obj).__name__}, "
-                    "and nanofit files hold only tensors and plain Python values (numbers, "
-                    "strings, lists, tuples, dicts), so that loading them runs no code; "
-                    "return such values from state_dict()")
-
-
-# ---- writing files ----------------------------------------------------------------------------
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, flush and fsync, then rename over
-    `path`: a crash at any point leaves either the old file or the new one, never half. A
-    failure to write raises an OSError of the same kind (errno) naming `path`, and leaves no
-    temporary file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _new_temp_file(path)
-    except OSError as e:
-        raise _write_error(path, e) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise _write_error(path, e) from e
-        raise
-    _fsync_folder(path.parent)  # make the rename itself durable
-    return path
-
-
-def _new_temp_file(path: Path) -> tuple[int, Path]:
-    """A new, empty file next to `path`, opened for writing. Created with mode 0o666 as
-    open() and torch.save do, so the OS applies the umask (no need to read it); mkstemp's
-    0o600 would survive the rename."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary file name", str(path.parent))
-
-
-def _write_error(path: Path, e: OSError) -> OSError:
-    """`e` (its errno, so its class: PermissionError...) told as a failure to write `path`."""
-    reason = e.strerror or str(e) or type(e).__name__
-    if e.filename is not None and str(e.filename) != str(path):
-        reason += f": {str(e.filename)!r}"
-    message = f"cannot write {str(path)!r} ({reason}); an earlier file there is unchanged"
-    return OSError(e.errno, message) if e.errno is not None else OSError(message)
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # not every file system lets a folder be fsynced
-
-
-# ---- reading files ----------------------------------------------------------------------------
-def load_file(path: Path, what: str, fix: str, map_location: Any = "cpu") -> Any:
-    """torch.load(path, weights_only=True): no code from the file runs. Whatever torch raises
-    about the file's content becomes a ValueError naming the file, `what` it should be and
-    the `fix`; failing to open it (permissions...) is the OSError of open(), naming it."""
-    with open(path, "rb") as f:
-        try:
-            return torch.load(f, map_location=map_location, weights_only=True)
-        except Exception as e:  # the unpickler and the zip reader raise all kinds
-            raise _read_error(path, what, fix, e) from _cause(e)
-
-
-def _read_error(path: Path, what: str, fix: str, e: Exception) -> ValueError:
-    unsafe = _unsafe_global(e)
-    if unsafe:
-        return ValueError(f"refusing to load {what} {str(path)!r}: it holds objects other than "
-                          f"tensors and plain data (it names {unsafe}), and nanofit never runs "
-                          "code from a file")
-    return ValueError(f"cannot read {what} {str(path)!r}: the file is truncated or corrupt "
-                      f"({type(e).__name__}: {_reason(e)}); {fix}")
-
-
-def _unsafe_global(e: Exception) -> str | None:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-    return found[1] if found else None
-
-
-def _cause(e: Exception) -> Exception | None:
-    """Chain torch's error, except its advice to load an unsafe file with weights_only=False."""
-    return None if _unsafe_global(e) else e
-
-
-def _reason(e: BaseException) -> str:
-    """The useful line of torch's message (the unpickler's own error, not its advice)."""
-    text = str(e)
-    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    lines = [found[1]] if found else [line for line in text.splitlines() if line.strip()]
-    return lines[0][:300] if lines else "no details"
 
 
 def _damaged(path: str, problem: str) -> ValueError:
@@ -550,7 +379,7 @@ def _load_opt_state(opt: Any, ckpt: dict[str, Any]) -> None:
                          "load(path, with_opt=False)") from e
 
 
-def _load_cb_states(learn: Learner, states: dict[str, Any]) -> None:
+def load_cb_states(learn: Learner, states: dict[str, Any]) -> None:
     mine = dict(_cb_keys(learn.cbs))
     missing = sorted(set(states) - set(mine))
     if missing:
@@ -566,148 +395,3 @@ def _load_cb_states(learn: Learner, states: dict[str, Any]) -> None:
                                  f"not load into it ({type(e).__name__}: {e}); resume with the "
                                  "callbacks of the run that saved it, or use an earlier "
                                  "checkpoint") from e
-
-
-# ---- skipping the batches a resumed epoch already trained on --------------------------------
-class _SkipBatches:
-    """A batch sampler giving the batches of `batch_sampler` after the first `skip`.
-
-    The skipped batches are index lists only: no sample is fetched or computed.
-    """
-
-    def __init__(self, batch_sampler: Any, skip: int) -> None:
-        self.batch_sampler, self.skip = batch_sampler, skip
-        self.batches: list | None = None
-
-    def materialize(self) -> None:
-        self.batches = list(self.batch_sampler)[self.skip:]
-
-    def __iter__(self) -> Iterator[Any]:
-        # A generator: nothing runs when the DataLoader calls iter() on it, so the order is
-        # drawn only by materialize(), after the loader drew its base seed (as originally).
-        if self.batches is None:
-            self.materialize()
-        yield from self.batches or []
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.skip, 0)
-
-
-def _skipping_iterator(dl: Any, skip: int) -> Iterator[Any]:
-    if callable(getattr(dl, "iter_from", None)):  # TensorLoader, ShardedTensorLoader, yours
-        return dl.iter_from(skip)
-    if (isinstance(dl, torch.utils.data.DataLoader) and dl.batch_sampler is not None
-            and not isinstance(dl.dataset, torch.utils.data.IterableDataset)):
-        skipper = _SkipBatches(dl.batch_sampler, skip)
-        resumed = rebuild_loader(dl, batch_sampler=skipper, persistent_workers=False)
-        it = iter(resumed)  # draws the workers' base seed, as the original epoch did
-        skipper.materialize()  # then the sampler's order, as the original first batch did
-        return it
-    warnings.warn(f"resuming mid-epoch on a {type(dl).__name__} that cannot skip batches by "
-                  f"index: fetching and dropping {skip} batches")
-    it = iter(dl)
-    for _ in range(skip):
-        next(it)
-    return it
-
-
-# ---- the loop's position: what a checkpoint saves and a resume restores ----------------------
-class LoopPosition:
-    """Where the loop stands, kept for checkpoints: the learner owns one (`learn.position`).
-
-    The loop asks it for the batches of each phase (`batches`); it records the RNG state at the
-    start of each phase, so a checkpoint taken mid-epoch can replay the epoch's shuffled order,
-    and when a fit resumes it hands out the rest of the interrupted epoch in the original order.
-    """
-
-    def __init__(self) -> None:
-        self.fitting = False
-        self.phase: str | None = None  # "train" or "valid" while a phase runs
-        self.phase_done = False  # the current phase ran all its batches
-        self.n_train = 0  # batches in this fit's training loader (0: no length)
-        self.epoch_rng: dict[str, Any] | None = None  # RNGs at the training phase's start
-        self.valid_rng: dict[str, Any] | None = None  # RNGs at the validation phase's start
-        self._resume: dict[str, Any] | None = None  # a mid-epoch checkpoint to continue
-
-    def start_fit(self) -> None:
-        """A fit begins: nothing ran yet."""
-        self.fitting, self.phase, self.phase_done, self._resume = True, None, False, None
-
-    def end_fit(self) -> None:
-        self.fitting, self._resume = False, None
-
-    def resume(self, learn: Learner, ckpt: dict[str, Any] | None) -> tuple[int, int, bool]:
-        """Put `ckpt` into the learner (weights, optimizer, callbacks, RNGs; the batch order
-        comes with the first phase's batches) and return where the loop starts: (epoch,
-        training batches done, training phase done). Without a checkpoint, (0, 0, False)."""
-        if ckpt is None:
-            return 0, 0, False
-        load_checkpoint(learn, ckpt)
-        pos = ckpt["position"]
-        if pos["batches_done"] and not pos["train_done"]:
-            # Mid-epoch: callback states go in after the resumed phase's before_epoch (which
-            # resets running totals); see _resumed_batches.
-            self.epoch_rng = ckpt["epoch_rng"]
-            self._resume = ckpt
-        else:
-            _load_cb_states(learn, ckpt.get("callbacks", {}))
-            restore_rng(ckpt["rng"], learn.dls)
-        return pos["epoch"], pos["batches_done"], pos["train_done"]
-
-    def batches(self, learn: Learner, train: bool, start: int = 0) -> Iterator[Any]:
-        """The batches of the phase that starts now, from batch `start` on. The RNG state is
-        taken now (before `before_epoch`); the loader is iterated when the loop asks for the
-        first batch (after it)."""
-        self.phase, self.phase_done = ("train" if train else "valid"), False
-        if train:
-            self.n_train = learn.n_iter
-            if not start:
-                self.epoch_rng = capture_rng(learn.dls)
-        else:
-            self.valid_rng = capture_rng(learn.dls)
-        return self._batches(learn, train, start)
-
-    def _batches(self, learn: Learner, train: bool, start: int) -> Iterator[Any]:
-        phase = "train" if train else "valid"
-        try:
-            if start:
-                batches = self._resumed_batches(learn, start)
-            else:
-                batches = check_first_batch(iter(learn.dl), phase)
-            yield from batches  # errors of the loop's body are not raised here, only the loader's
-        except Exception as e:
-            e.add_note(f"raised while fetching batch {learn.iter + 1} of dls.{phase} "
-                       f"(epoch {learn.epoch})")
-            raise
-        self.phase_done = True  # read by checkpoints saved in after_epoch
-
-    def _resumed_batches(self, learn: Learner, skip: int) -> Iterator[Any]:
-        """The rest of an epoch after `skip` training batches, in the original run's order:
-        the order is drawn from the epoch's starting RNG, then the RNG moves on to where it
-        stood at the checkpoint."""
-        ckpt, self._resume = self._resume, None
-        assert ckpt is not None, "resuming mid-epoch without a checkpoint"
-        _load_cb_states(learn, ckpt.get("callbacks", {}))
-        restore_rng(ckpt["epoch_rng"], learn.dls)
-        it = _skipping_iterator(learn.dl, skip)
-        restore_rng(ckpt["rng"], learn.dls)
-        return it
-
-    def now(self, learn: Learner) -> tuple[int, int, bool]:
-        """Where the loop stands, as (epoch, training batches done, training phase done).
-
-        Inside a fit it is exact at `after_batch`, `before_epoch` and `after_epoch` (in the
-        middle of a batch the batch is counted as done); outside a fit the run is complete.
-        """
-        if not self.fitting:
-            return learn.n_epochs, 0, False
-        if self.phase is None:
-            raise ValueError("learn.save inside a fit works from after_batch, before_epoch or "
-                             "after_epoch; before the first epoch there is nothing new to save")
-        if learn.training:
-            if self.phase_done:  # after_epoch of the training phase
-                return learn.epoch, learn.n_iter, True
-            return learn.epoch, learn.iter + 1, False
-        if self.phase_done:  # after_epoch of the validation phase: the epoch is complete
-            return learn.epoch + 1, 0, False
-        return learn.epoch, self.n_train, True  # during validation: redo it on resume

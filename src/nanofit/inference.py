@@ -13,9 +13,10 @@ from torch.utils.data import RandomSampler
 from .augment import Normalize, random_flip
 from .callback import Callback, Order, runs_in
 from .callbacks.transforms import BatchTransformCB
-from .checkpoint import atomic_save, check_weights, is_weights, load_file, plain_state
+from .checkpoint import check_weights, is_weights
 from .data import DataLoaders, TensorLoader
 from .distributed import unwrap_model
+from .files import atomic_save, load_file, plain_state
 from .images import show_images
 from .registry import exportable, reference, resolve
 from .state import preserved_loop

@@ -31,6 +31,7 @@ from .callbacks.metrics import MetricsCB, Recorder
 from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error
 from .hooks import learner_summary
 from .optim import HPOptimizer, set_hyper, with_hypers
+from .resume import LoopPosition
 
 __all__ = ["Learner"]
 
@@ -66,7 +67,7 @@ class Learner:
         self.preds: Any = None
         self.loss: Any = None
         self.run_valid = False
-        self.position = checkpoint.LoopPosition()  # where the loop is, for checkpoints
+        self.position = LoopPosition()  # where the loop is, for checkpoints
         # Shared by callbacks (see SHARED): MetricsCB, Recorder, MixedPrecision, GradAccumCB.
         self.metrics: MetricsCB | None = None
         self.recorder: Recorder | None = None

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 from ..callback import Callback, CancelFitException, Order
-from ..checkpoint import FORMAT, VERSION, atomic_save
+from ..checkpoint import FORMAT, VERSION
 from ..distributed import is_distributed, is_rank0, unwrap_model
+from ..files import atomic_save
 from .schedule import EpochSchedCB
 
 if TYPE_CHECKING:
