@@ -82,3 +82,16 @@ def test_from_dd_on_an_in_memory_hugging_face_dataset():
         DataLoaders.from_dd(datasets.DatasetDict({"train": dd["train"]}), batch_size=4)
     with pytest.raises(ValueError, match="needs a 'train' and a 'validation'"):
         DataLoaders.from_dd(datasets.DatasetDict({"validation": dd["test"]}), batch_size=4)
+
+
+def test_collate_dict_names_the_fix_for_rows_that_are_not_dicts():
+    from torch.utils.data import DataLoader
+
+    from nanofit import collate_dict
+
+    ds = pytest.importorskip("datasets").Dataset.from_dict({"x": [1.0, 2.0], "y": [0, 1]})
+    collate = collate_dict(ds)
+    assert repr(collate) == "collate_dict(columns=['x', 'y'])"
+    rows = [(torch.zeros(2), 0), (torch.ones(2), 1)]
+    with pytest.raises(TypeError, match="rows that are dicts.*got rows of type tuple"):
+        next(iter(DataLoader(rows, batch_size=2, collate_fn=collate)))

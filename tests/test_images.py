@@ -215,3 +215,28 @@ def test_demo_trains_on_an_image_folder(folder, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "3 classes" in result.stdout and "validation accuracy" in result.stdout
     assert (tmp_path / "out" / "loss.png").exists()
+
+
+@pytest.mark.parametrize("norm_cb", ["nanofit", "course"])
+def test_show_results_predicts_through_the_validation_batch_transforms(norm_cb):
+    from torch import nn
+
+    from nanofit import TensorLoader
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 1, 4, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():  # class 0 when the inputs sum above 0, so only normalised ones vary
+        model[1].weight.copy_(torch.stack([torch.ones(16), -torch.ones(16)]))
+        model[1].bias.zero_()
+    if norm_cb == "nanofit":
+        cb = BatchTransformCB(Normalize([0.5], [0.1]))
+    else:
+        def _norm(b): return (b[0] - 0.5) / 0.1, b[1]
+        cb = BatchTransformCB(_norm)
+    dls = DataLoaders(TensorLoader((x, y), 8), TensorLoader((x, y), 8))
+    learn = Learner(model, dls, cbs=[cb])
+    fig = learn.show_results(n=8)
+    expected = [f"{int(p)} / {int(t)}" for p, t in zip(model((x - 0.5) / 0.1).argmax(1), y)]
+    assert [ax.get_title() for ax in fig.axes[:8]] == expected
+    assert len({t.split(" / ")[0] for t in expected}) == 2  # the normalisation changed them

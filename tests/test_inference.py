@@ -21,6 +21,7 @@ from nanofit import (
     load_learner,
     simple_cnn,
 )
+from tests.helpers import make_dls, make_model
 
 
 def image_learner():
@@ -181,3 +182,13 @@ def test_an_export_with_the_wrong_structure_is_refused_naming_the_file(tmp_path,
     torch.save({**good, **entries}, path)
     with pytest.raises(ValueError, match=f"exported learner '{path}'.*{problem}"):
         load_learner(path)
+
+
+def test_capture_preds_in_the_course_order():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy)
+    preds, targs, inps = learn.capture_preds(inps=True)  # the course's order
+    inputs, preds2, targs2 = learn.get_preds(with_input=True)  # fastai's order
+    assert torch.equal(preds, preds2) and torch.equal(targs, targs2) and torch.equal(inps, inputs)
+    assert inps.shape == (20, 4) and preds.shape == (20, 3) and targs.shape == (20,)
+    preds3, targs3 = learn.capture_preds()
+    assert torch.equal(preds3, preds)

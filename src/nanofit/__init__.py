@@ -57,6 +57,7 @@ from .learner import Learner
 from .learners import MomentumLearner, TrainLearner, load_learner
 from .models import ResBlock, conv, resnet, simple_cnn
 from .optim import HPOptimizer, get_hyper, set_hyper
+from .plots import get_grid, show_image, subplots
 from .registry import exportable
 from .schedule import (
     combine_scheds,
@@ -68,7 +69,7 @@ from .schedule import (
     sched_lin,
     sched_no,
 )
-from .torch_utils import def_device, to_cpu, to_device
+from .torch_utils import clean_mem, def_device, set_seed, to_cpu, to_device
 
 try:
     __version__ = version("nanofit")
@@ -94,4 +95,5 @@ __all__ = [
     "TensorBoardCB", "ProfileCB", "CompileCB", "load_learner", "exportable",
     "random_crop", "random_flip", "random_erase", "compose", "ImageFolder", "show_images",
     "CheckpointCB", "EarlyStoppingCB", "SaveBestCB", "ReduceLROnPlateauCB", "TerminateOnNaNCB",
+    "set_seed", "clean_mem", "show_image", "subplots", "get_grid",
 ]

@@ -1,8 +1,10 @@
 """Batch transforms with torch ops on whole batches (N, C, H, W): Normalize and augmentations.
 
+Each takes either the inputs tensor (and returns a tensor) or a whole batch, a tuple or list
+whose first item is the inputs (and returns the batch with only that item changed), so they
+work in `BatchTransformCB`, which hands its transform the whole batch as the course's does.
 Randomness comes from torch's global RNG (or a `generator`), so checkpoints replay it.
-Use them through `BatchTransformCB(tfm, on_val=False)`, e.g.
-`BatchTransformCB(compose(random_crop(4), random_flip(), random_erase()), on_val=False)`.
+Example: `BatchTransformCB(compose(random_crop(4), random_flip(), random_erase()), on_val=False)`.
 """
 from __future__ import annotations
 
@@ -12,22 +14,54 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Normalize", "random_crop", "random_flip", "random_erase", "compose"]
+__all__ = ["Normalize", "random_crop", "random_flip", "random_erase", "compose",
+           "apply_to_inputs"]
 
-Tfm = Callable[[torch.Tensor], torch.Tensor]
+TensorTfm = Callable[[torch.Tensor], torch.Tensor]
+Tfm = Callable[[Any], Any]  # a tensor -> a tensor, or a batch -> the batch
 
 
-def compose(*tfms: Tfm) -> Tfm:
-    """Apply `tfms` in order."""
-    def apply(x: torch.Tensor) -> torch.Tensor:
+def apply_to_inputs(fn: TensorTfm, b: Any, name: str | None = None) -> Any:
+    """`fn(b)` for a tensor `b`; for a batch (a tuple or list, namedtuples too), the same
+    batch with `fn` applied to its first item, the inputs, and the rest unchanged.
+
+    Example (a transform of your own that works both ways):
+    `def my_tfm(b): return apply_to_inputs(lambda x: x.flip(-2), b)`
+    """
+    if isinstance(b, torch.Tensor):
+        return fn(b)
+    if isinstance(b, (tuple, list)) and len(b) > 0:
+        items = [fn(b[0]), *b[1:]]
+        return type(b)(*items) if hasattr(b, "_fields") else type(b)(items)
+    raise TypeError(f"{name or getattr(fn, '__name__', 'the transform')} takes the inputs "
+                    "tensor or a batch (a non-empty tuple or list whose first item is the "
+                    f"inputs), got {type(b).__name__}")
+
+
+def _on_inputs(fn: TensorTfm, name: str) -> Tfm:
+    """`fn`, a transform of the inputs tensor, made to take a tensor or a whole batch."""
+    def tfm(b: Any) -> Any:
+        return apply_to_inputs(fn, b, name)
+    tfm.__name__ = tfm.__qualname__ = name
+    return tfm
+
+
+def compose(*tfms: TensorTfm) -> Tfm:
+    """Apply `tfms` in order to the inputs: to a tensor, or to a batch's first item (so each
+    of `tfms` may be a plain tensor function, e.g. a torchvision transform).
+
+    Example: `BatchTransformCB(compose(random_crop(4), random_flip()), on_val=False)`
+    """
+    def composed(x: torch.Tensor) -> torch.Tensor:
         for t in tfms:
             x = t(x)
         return x
-    return apply
+    return _on_inputs(composed, "compose")
 
 
 def random_crop(padding: int = 4, generator: torch.Generator | None = None) -> Tfm:
-    """Pad each image by `padding` (zeros) and crop it back at a random offset per image."""
+    """Pad each image by `padding` (zeros) and crop it back at a random offset per image
+    (of a tensor of images, or of a batch's inputs)."""
     def crop(x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         padded = F.pad(x, (padding,) * 4)
@@ -38,21 +72,23 @@ def random_crop(padding: int = 4, generator: torch.Generator | None = None) -> T
         idx = torch.arange(n, device=x.device)[:, None, None, None]
         chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
         return padded[idx, chans, rows, cols]
-    return crop
+    return _on_inputs(crop, "random_crop")
 
 
 def random_flip(p: float = 0.5, generator: torch.Generator | None = None) -> Tfm:
-    """Flip each image left-right with probability `p`."""
+    """Flip each image left-right with probability `p` (of a tensor of images, or of a
+    batch's inputs)."""
     def flip(x: torch.Tensor) -> torch.Tensor:
         mask = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)
         return torch.where(mask[:, None, None, None], x.flip(-1), x)
-    return flip
+    return _on_inputs(flip, "random_flip")
 
 
 def random_erase(p: float = 0.5, scale: tuple[float, float] = (0.02, 0.25),
                  generator: torch.Generator | None = None) -> Tfm:
     """With probability `p` per image, fill a random rectangle (a `scale` fraction of the
-    area, square-ish) with noise of the batch's mean and std."""
+    area, square-ish) with noise of the batch's mean and std (of a tensor of images, or of a
+    batch's inputs)."""
     def erase(x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         area = torch.empty(n).uniform_(*scale, generator=generator) * h * w
@@ -66,13 +102,15 @@ def random_erase(p: float = 0.5, scale: tuple[float, float] = (0.02, 0.25),
                & ((xs >= x0[:, None]) & (xs < (x0 + ew)[:, None]))[:, None, :] & on[:, None, None])
         noise = torch.randn(x.shape, generator=generator).to(x.device) * x.std() + x.mean()
         return torch.where(box[:, None].to(x.device), noise.to(x.dtype), x)
-    return erase
+    return _on_inputs(erase, "random_erase")
 
 
 class Normalize:
-    """(x - mean) / std per channel (dim 1) of a batch; the statistics follow x's device.
+    """(x - mean) / std per channel (dim 1) of a tensor of inputs, or of a batch's first item
+    (the batch comes back with the rest unchanged); the statistics follow x's device.
 
     `Normalize.from_batch(xb)` takes them from a batch; `Normalize(*dls.stats())` from data.
+    Example: `BatchTransformCB(Normalize(*dls.stats()))`
     """
 
     def __init__(self, mean: Sequence[float] | torch.Tensor,
@@ -100,7 +138,11 @@ class Normalize:
                                 self.std.to(x.device, x.dtype).view(shape))
         return self._cache[key]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, b: Any) -> Any:
+        return apply_to_inputs(self.normalize, b, "Normalize")
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise a tensor of inputs."""
         if x.ndim < 2 or x.shape[1] != len(self.mean):
             raise ValueError(f"Normalize has {len(self.mean)} channel statistics but the batch "
                              f"has shape {tuple(x.shape)} (channels on dim 1)")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from .images import folder_loaders, show_images
 
-__all__ = ["DataLoaders", "TensorLoader", "collate_dict", "rebuild_loader"]
+__all__ = ["DataLoaders", "TensorLoader", "collate_dict", "DictCollate", "rebuild_loader"]
 
 # What a torch DataLoader was built with, besides its dataset and its order.
 _LOADER_SETTINGS = ("batch_size", "drop_last", "num_workers", "collate_fn", "pin_memory",
@@ -109,9 +109,45 @@ class TensorLoader:
                 f"shuffle={self.shuffle}, drop_last={self.drop_last})")
 
 
-def collate_dict(batch: list[dict[str, Any]]) -> tuple[Any, ...]:
-    """Collate a list of dict items (e.g. Hugging Face rows) into a tuple, one entry per key."""
-    return tuple(default_collate(batch).values())
+class DictCollate:
+    """A collate function: a list of dict rows -> a tuple with one collated entry per column,
+    in the order of `columns` (or of the rows' keys when `columns` is None or the rows lack
+    some of them, e.g. after a transform that renames columns). Made by `collate_dict`."""
+
+    def __init__(self, columns: Sequence[str] | None = None) -> None:
+        self.columns = None if columns is None else tuple(columns)
+
+    def __call__(self, rows: list[Mapping[str, Any]]) -> tuple[Any, ...]:
+        if rows and not isinstance(rows[0], Mapping):
+            raise TypeError(f"collate_dict collates rows that are dicts (Hugging Face rows), got "
+                            f"rows of type {type(rows[0]).__name__}; use torch's default_collate "
+                            "for tuples")
+        batch = default_collate(rows)
+        if self.columns is not None and all(c in batch for c in self.columns):
+            return tuple(batch[c] for c in self.columns)
+        return tuple(batch.values())
+
+    def __repr__(self) -> str:
+        return f"collate_dict(columns={list(self.columns) if self.columns else None})"
+
+
+def collate_dict(ds: Any) -> Any:
+    """A collate function for `ds`, a dataset of dict rows such as a Hugging Face `Dataset`:
+    it turns a list of rows into a tuple with one collated entry per column, in the order of
+    `ds.features`, as the course's does (a dataset of one column gives a 1-tuple).
+
+    Example: `DataLoader(ds, batch_size=64, collate_fn=collate_dict(ds))`
+    The older form, `collate_fn=collate_dict`, still works: given a list of rows, it collates
+    them at once (columns in the rows' key order).
+    """
+    if isinstance(ds, list) and (not ds or isinstance(ds[0], Mapping)):  # rows: the old form
+        return DictCollate()(ds)
+    if not (hasattr(ds, "features") or hasattr(ds, "column_names")):
+        raise TypeError(f"collate_dict(ds) takes a dataset of dict rows with `features` (a "
+                        f"Hugging Face Dataset) and returns its collate function; got a "
+                        f"{type(ds).__name__}")
+    columns = getattr(ds, "features", None) or getattr(ds, "column_names", None)
+    return DictCollate(list(columns) if columns else None)
 
 
 class DataLoaders:
@@ -155,9 +191,10 @@ class DataLoaders:
         """torch DataLoaders over a Hugging Face `DatasetDict`: its 'train' split (shuffled) and
         its 'validation', 'valid' or 'test' split (in order).
 
-        Rows are collated into tuples in column order (`as_tuple=False` keeps dicts). Format
-        the dataset as torch first (`dd.with_format('torch')`) or add a transform giving
-        tensors. `kwargs` go to `torch.utils.data.DataLoader` (e.g. `num_workers`).
+        Rows are collated into tuples in column order by `collate_dict(split)` (`as_tuple=False`
+        keeps dicts). Format the dataset as torch first (`dd.with_format('torch')`) or add a
+        transform giving tensors. `kwargs` go to `torch.utils.data.DataLoader` (e.g.
+        `num_workers`, or `collate_fn` to collate your way).
         Example: `DataLoaders.from_dd(dd.with_format('torch'), batch_size=64)`
         """
         names = list(dataset_dict.keys())
@@ -166,12 +203,14 @@ class DataLoaders:
         if train_name is None or valid_name is None:
             raise ValueError(f"from_dd needs a 'train' and a 'validation' (or 'valid'/'test') "
                              f"split, got splits {names}")
-        kwargs.setdefault("collate_fn", collate_dict if as_tuple else default_collate)
-        train = DataLoader(dataset_dict[train_name], batch_size=batch_size, shuffle=shuffle,
-                           **kwargs)
-        valid = DataLoader(dataset_dict[valid_name], batch_size=batch_size, shuffle=False,
-                           **kwargs)
-        return cls(train, valid)
+        def loader(ds: Any, shuffle: bool) -> DataLoader:
+            opts = dict(kwargs)
+            if "collate_fn" not in opts:
+                opts["collate_fn"] = collate_dict(ds) if as_tuple else default_collate
+            return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **opts)
+
+        return cls(loader(dataset_dict[train_name], shuffle),
+                   loader(dataset_dict[valid_name], False))
 
     @classmethod
     def from_folder(cls, path: str | Path, train: str = "train", valid: str = "valid",

@@ -1,8 +1,8 @@
-"""Images from folders: ImageFolder, the folder split for DataLoaders.from_folder, and grids.
+"""Images from folders: ImageFolder, the folder split for DataLoaders.from_folder, and grids of
+images (show_images; show_image, subplots and get_grid are in plots.py).
 PIL is imported when the first image is read."""
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .plots import new_figure, save_figure
+from .plots import as_image_array, get_grid, grid_shape, save_figure, show_image
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "image_files", "folder_loaders", "show_images",
            "default_workers"]
@@ -177,26 +177,47 @@ def folder_loaders(path: str | Path, train: str = "train", valid: str = "valid",
             DataLoader(valid_ds, batch_size=bs, shuffle=False, **opts))
 
 
-def show_images(ims: Sequence[torch.Tensor] | torch.Tensor, titles: Sequence[str] | None = None,
-                ncols: int | None = None, path: str | Path | None = None, size: float = 1.6):
-    """A grid of images (CHW tensors in [0, 1], any number of channels) with optional titles;
-    returns the Figure and saves it to `path` if given."""
+def show_images(ims: Sequence[Any] | torch.Tensor, titles: Sequence[Any] | None = None,
+                ncols: int | None = None, path: str | Path | None = None,
+                size: float | None = None, *, nrows: int | None = None,
+                imsize: float | None = None, **kwargs: Any):
+    """A grid of images (CHW or HW tensors, numpy arrays, PIL images) with optional titles;
+    returns the Figure, saves it to `path` if given, and in a notebook shows it when the cell
+    ends. Float images are shown as values in [0, 1] (clamped), one channel in gray.
+
+    `imsize` (the course's name) or `size` is each image's side in inches (default 1.6);
+    `nrows`/`ncols` shape the grid as in `get_grid` and `kwargs` go there too (`title`,
+    `suptitle`, `figsize`, ...). The course's positional order,
+    `show_images(ims, nrows, ncols, titles)`, works too: an int second argument is `nrows`.
+    Example: `show_images(xb[:16], imsize=1.5, titles=[vocab[y] for y in yb[:16]])`
+    """
+    if isinstance(titles, int) and not isinstance(titles, bool):  # the course's positions
+        nrows, titles = titles, None
+        if isinstance(path, (list, tuple)):
+            titles, path = path, None
+    if imsize is not None and size is not None and imsize != size:
+        raise ValueError(f"show_images: give imsize= or size= (the same thing), got {imsize} "
+                         f"and {size}")
+    side = imsize if imsize is not None else size if size is not None else 1.6
     ims = list(ims)
     n = len(ims)
-    ncols = ncols or min(n, math.ceil(math.sqrt(n)))
-    nrows = math.ceil(n / ncols)
-    fig = new_figure(figsize=(size * ncols, size * nrows + (0.3 * nrows if titles else 0)))
-    axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i >= n:
-            continue
-        im = ims[i].detach().cpu().float()
-        if im.ndim == 3:
-            im = im.permute(1, 2, 0)
-            if im.shape[-1] == 1:
-                im = im[..., 0]
-        ax.imshow(im.clamp(0, 1).numpy(), cmap="gray" if im.ndim == 2 else None, vmin=0, vmax=1)
+    if titles is not None and len(titles) < n:
+        raise ValueError(f"show_images got {n} images but {len(titles)} titles")
+    if n == 0:
+        raise ValueError("show_images got no images")
+    nrows, ncols = grid_shape(n, nrows, ncols)
+    if "figsize" not in kwargs:  # with room for the titles, small at this image size
+        kwargs["figsize"] = (side * ncols, side * nrows + (0.3 * nrows if titles else 0))
+    fig, axs = get_grid(n, nrows, ncols, **kwargs)
+    for i, (im, ax) in enumerate(zip(ims, axs.flat)):
+        arr = as_image_array(im)
+        opts: dict[str, Any] = {"cmap": "gray"} if arr.ndim == 2 else {}
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr.clip(0, 1)
+            opts.update(vmin=0, vmax=1)
+        elif arr.ndim == 2 and arr.dtype == np.uint8:
+            opts.update(vmin=0, vmax=255)
+        show_image(arr, ax=ax, **opts)
         if titles is not None:
             ax.set_title(str(titles[i]), fontsize="small")
     fig.tight_layout()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from .learner import Learner
 
-__all__ = ["get_preds", "predict", "tta", "export", "read_export", "show_results",
+__all__ = ["get_preds", "capture_preds", "predict", "tta", "export", "read_export", "show_results",
            "exportable"]  # exportable: at home in registry.py, importable here as before
 
 EXPORT_FORMAT = "nanofit.export"
@@ -94,6 +94,14 @@ def get_preds(learn: Learner, dl: Any = None, with_input: bool = False, with_los
     return tuple(out)
 
 
+def capture_preds(learn: Learner, cbs: Any = (), inps: bool = False) -> tuple:
+    """`learn.capture_preds()`: the course's name for `get_preds` over `dls.valid`, in the
+    course's order: (preds, targets), or (preds, targets, inputs) with `inps`; `cbs` join
+    the pass. (`get_preds(with_input=True)` puts the inputs first, as fastai does.)"""
+    out = get_preds(learn, with_input=inps, extra_cbs=tuple(cbs))
+    return (*out[1:], out[0]) if inps else out
+
+
 def _item_ndim(learn: Learner) -> int | None:
     train = getattr(learn.dls, "train", None) if learn.dls is not None else None
     if isinstance(train, TensorLoader):
@@ -138,8 +146,9 @@ def tta(learn: Learner, n: int = 4, tfm: Callable | None = None, dl: Any = None,
     tfm = tfm if tfm is not None else random_flip()
     preds, targs = get_preds(learn, dl, act=act)
     runs = [preds]
+    augment = BatchTransformCB(tfm, on_val=True, whole_batch=False)  # tfm takes the inputs
     for _ in range(n):
-        aug, _ = get_preds(learn, dl, act=act, extra_cbs=(BatchTransformCB(tfm, on_val=True),))
+        aug, _ = get_preds(learn, dl, act=act, extra_cbs=(augment,))
         runs.append(aug)
     return torch.stack(runs).mean(0), targs
 
@@ -297,12 +306,12 @@ def show_results(learn: Learner, n: int = 9, ncols: int | None = None,
     xb, yb = next(iter(learn.dls.valid))[:2]
     xb, yb = xb[:n], yb[:n]
     param = next(learn.model.parameters(), None)
-    x = to_device(xb, param.device) if param is not None else xb
+    batch = to_device((xb, yb), param.device) if param is not None else (xb, yb)
     for cb in sorted(learn.cbs, key=lambda c: c.order):
-        if isinstance(cb, BatchTransformCB) and cb.on_val and not cb.whole_batch:
-            x = cb.tfm(x)
+        if isinstance(cb, BatchTransformCB) and cb.on_val:
+            batch = cb.transform(batch)
     with eval_mode(learn.model), torch.no_grad():
-        preds = learn.model(x).argmax(1).cpu()
+        preds = learn.model(batch[0]).argmax(1).cpu()
     vocab = getattr(learn.dls, "vocab", None)
     name = (lambda i: vocab[int(i)]) if vocab else (lambda i: str(int(i)))
     titles = [f"{name(p)} / {name(t)}" for p, t in zip(preds, yb)]

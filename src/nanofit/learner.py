@@ -287,6 +287,7 @@ class Learner:
     fine_tune = scheduling.fine_tune
     lr_find = finder.lr_find
     get_preds = inference.get_preds
+    capture_preds = inference.capture_preds
     tta = inference.tta
     export = inference.export
     show_results = inference.show_results

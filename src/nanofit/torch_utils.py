@@ -1,9 +1,14 @@
-"""Small torch utilities: the default device, moving nested batches, eval mode and RNG states."""
+"""Small torch utilities: the default device, moving nested batches, eval mode, RNG states and
+seeds, and freeing memory after an error."""
 from __future__ import annotations
 
+import gc
+import os
 import random
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -11,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["def_device", "to_device", "to_cpu", "eval_mode", "get_rng_state", "set_rng_state",
-           "loader_generators", "preserved_rng"]
+           "loader_generators", "preserved_rng", "set_seed", "clean_mem"]
 
 
 def _default_device() -> torch.device:
@@ -117,3 +122,104 @@ def preserved_rng(dls: Any = None) -> Iterator[None]:
         set_rng_state(state)
         for g, s in gens:
             g.set_state(s)
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's, NumPy's and torch's random generators (CPU and every GPU) with `seed`.
+
+    `deterministic=True` also makes torch use deterministic algorithms (cuDNN included; an op
+    that has none raises an error) and `False` turns that mode off, as the course's
+    `set_seed` does. Example: `set_seed(42)`
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device's generator: CPU, CUDA, MPS
+    if deterministic:  # cuBLAS needs this for deterministic matmuls (read when it starts)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def _clear_traceback(tb: TracebackType | None) -> None:
+    """Drop the local variables of the frames of `tb` (those still running keep theirs)."""
+    while tb is not None:
+        frame = tb.tb_frame
+        try:
+            frame.clear()
+        except RuntimeError:  # still running
+            pass
+        else:
+            # Python < 3.13 keeps the dict of locals that a traceback printer (IPython's)
+            # read; reading it again after clear() empties it
+            frame.f_locals  # noqa: B018
+        tb = tb.tb_next
+
+
+def _clear_frames(exc: BaseException | None) -> None:
+    """Drop the local variables of every frame in the tracebacks of `exc` and of the
+    exceptions it was raised from or during."""
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        _clear_traceback(e.__traceback__)
+        todo += [e.__cause__, e.__context__]
+
+
+def _clean_tb() -> None:
+    """Forget the last uncaught error that Python (and IPython) keep for the debugger."""
+    _clear_traceback(getattr(sys, "last_traceback", None))
+    for name in ("last_value", "last_exc"):
+        _clear_frames(getattr(sys, name, None))
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            delattr(sys, name)
+
+
+def _clean_ipython() -> None:
+    """In IPython or Jupyter: forget the last cell's error and the output cache (`Out`, `_`,
+    `__`, `___`), which keep the tensors they refer to alive."""
+    if "IPython" not in sys.modules:
+        return
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None:
+        return
+    result = getattr(shell, "last_execution_result", None)
+    for name in ("error_in_exec", "error_before_exec"):
+        if getattr(result, name, None) is not None:
+            _clear_frames(getattr(result, name))
+            setattr(result, name, None)
+    hook = getattr(shell, "displayhook", None)
+    if hook is not None and getattr(hook, "do_full_cache", False):
+        hook.flush()
+        # the output cache is also copied into the names hidden from %who, which flush misses
+        hidden = getattr(shell, "user_ns_hidden", None)
+        if isinstance(hidden, dict):
+            for key in list(hidden):
+                if key in ("_", "__", "___"):
+                    hidden[key] = ""
+                elif key[:1] == "_" and key[1:].isdigit():
+                    del hidden[key]
+
+
+def clean_mem() -> None:
+    """Free the memory that the last error keeps, and give cached GPU memory back: call it in
+    a notebook after an error (say, CUDA out of memory) instead of restarting the kernel.
+
+    It clears the frames of the last traceback (their local variables hold the tensors of
+    the failed call), in IPython/Jupyter also the last cell's error and the output history
+    (`Out`, `_`), then runs the garbage collector and empties torch's CUDA (and MPS) cache.
+    Works without IPython and on CPU. Your own variables are kept: `del` the big ones first.
+    """
+    _clean_tb()
+    _clean_ipython()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.empty_cache()

@@ -7,7 +7,8 @@ from .callbacks.transforms import BatchTransformCB
 from .images import ImageFolder, image_files, show_images
 from .inference import show_results
 from .models import ResBlock, conv, resnet, simple_cnn
+from .plots import get_grid, show_image, subplots
 
 __all__ = ["ImageFolder", "image_files", "show_images", "show_results", "Normalize",
            "BatchTransformCB", "compose", "random_crop", "random_erase", "random_flip", "conv",
-           "ResBlock", "simple_cnn", "resnet"]
+           "ResBlock", "simple_cnn", "resnet", "show_image", "subplots", "get_grid"]
