@@ -76,3 +76,7 @@ def test_installed_console_command(tmp_path):
     assert exe, "the `nanofit` command is not on PATH: install the package (pip install -e .)"
     result = subprocess.run([exe, "demo", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--epochs" in result.stdout
+    import nanofit
+
+    result = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"nanofit {nanofit.__version__}"

@@ -95,3 +95,12 @@ def test_collate_dict_names_the_fix_for_rows_that_are_not_dicts():
     rows = [(torch.zeros(2), 0), (torch.ones(2), 1)]
     with pytest.raises(TypeError, match="rows that are dicts.*got rows of type tuple"):
         next(iter(DataLoader(rows, batch_size=2, collate_fn=collate)))
+
+
+def test_from_dd_reads_an_unformatted_hugging_face_dataset_as_tensors():
+    datasets = pytest.importorskip("datasets")
+    rows = {"x": [[float(i), float(i + 1)] for i in range(12)], "y": [i % 3 for i in range(12)]}
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                               "test": datasets.Dataset.from_dict(rows)})
+    xb, yb = next(iter(DataLoaders.from_dd(dd, batch_size=4, shuffle=False).train))
+    assert xb.shape == (4, 2) and xb.dtype == torch.float32 and yb.tolist() == [0, 1, 2, 0]

@@ -611,3 +611,39 @@ def test_learn_epochs_is_the_range_the_course_reads():
     learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[CourseProgress()])
     learn.fit(3)
     assert seen == [[0, 1, 2]] and learn.epochs == range(3)
+
+
+def test_mistakes_a_newcomer_makes_get_the_fix_at_the_first_batch():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    # the default loss is MSE: class-index targets get "pass F.cross_entropy"
+    with pytest.raises(Exception, match="different to the input size") as info:
+        Learner(make_model(), make_dls()).fit(1)
+    assert any("pass loss_func=F.cross_entropy" in n for n in info.value.__notes__)
+    # an element-wise loss broadcasting (8, 1) against (8,) is an error, not a torch warning
+    x, y = torch.randn(16, 4), torch.randn(16)
+    dls = DataLoaders(TensorLoader((x, y), 8), TensorLoader((x, y), 8))
+    with pytest.raises(UserWarning) as info:
+        Learner(nn.Linear(4, 1), dls).fit(1)
+    assert any("make them the same shape, e.g. y.view_as(preds)" in n
+               for n in info.value.__notes__)
+    assert info.value.__notes__[0].endswith("(epoch 0, batch 0); preds have shape (8, 1) and "
+                                            "targets (8,): for an element-wise loss (MSE, BCE) "
+                                            "make them the same shape, e.g. y.view_as(preds)")
+    # inputs of another dtype than the weights
+    xd = torch.randn(16, 4, dtype=torch.float64)
+    dl = DataLoader(TensorDataset(xd, y[:, None]), batch_size=8)
+    with pytest.raises(RuntimeError) as info:
+        Learner(nn.Linear(4, 1), DataLoaders(dl, dl)).fit(1)
+    assert any("cast the inputs (x.to(torch.float32)" in n for n in info.value.__notes__)
+
+
+def test_one_cycle_says_when_it_skips_the_momentum_schedule():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy)  # plain SGD: no momentum
+    with pytest.warns(UserWarning, match="momentum schedule .* is skipped"):
+        learn.fit_one_cycle(1, 0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learn.fit_one_cycle(1, 0.1, moms=None)  # said on purpose: no warning

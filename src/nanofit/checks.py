@@ -18,7 +18,7 @@ ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelB
                   "CancelFitException")
 
 __all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe",
-           "note_loss_error"]
+           "note_loss_error", "note_predict_error"]
 
 
 def check_fit_args(learn: Learner, n_epochs: int, train: bool, valid: bool, lr: Any,
@@ -66,11 +66,29 @@ def check_first_batch(batches: Iterator[Any], phase: str) -> Iterator[Any]:
     return itertools.chain((first,), batches)
 
 
-def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
+_ELEMENTWISE = {"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy",
+                "binary_cross_entropy_with_logits", "MSELoss", "L1Loss", "SmoothL1Loss",
+                "HuberLoss", "BCELoss", "BCEWithLogitsLoss"}
+
+
+def _loss_name(loss_func: Any) -> str:
+    return getattr(loss_func, "__name__", type(loss_func).__name__)
+
+
+def _elementwise(loss_func: Any) -> bool:
+    """An element-wise loss (MSE, L1, BCE...): preds and targets must have one shape."""
+    return _loss_name(loss_func) in _ELEMENTWISE
+
+
+def loss_hint(preds: Any, targets: Sequence[Any], loss_func: Any = None) -> str:
     """The usual fix for a loss function that failed on these shapes and dtypes, if we know it."""
     if not (targets and isinstance(preds, torch.Tensor) and isinstance(targets[0], torch.Tensor)):
         return ""
     targ = targets[0]
+    is_mse = _loss_name(loss_func) in ("mse_loss", "MSELoss")
+    if is_mse and preds.ndim == targ.ndim + 1 and not targ.is_floating_point():
+        return ("; the loss is MSE (the Learner's default) and the targets look like class "
+                "indices: for classification pass loss_func=F.cross_entropy")
     if preds.shape[:1] != targ.shape[:1]:
         n_preds, n_targ = preds.shape[0] if preds.ndim else 0, targ.shape[0] if targ.ndim else 0
         return (f"; preds and targets hold different numbers of items ({n_preds} vs {n_targ}): "
@@ -78,7 +96,8 @@ def loss_hint(preds: Any, targets: Sequence[Any]) -> str:
     if preds.ndim == 2 and targ.ndim == 2 and targ.shape[1] == 1 and not targ.is_floating_point():
         return ("; class-index targets must have shape (N,): squeeze them (y.squeeze(1)) or use "
                 "y.view(-1) in the dataset")
-    if preds.ndim == 2 and targ.ndim == 1 and targ.dtype != torch.int64:
+    if preds.ndim == 2 and targ.ndim == 1 and targ.dtype != torch.int64 \
+            and not _elementwise(loss_func):
         return "; cross-entropy wants class indices as int64 targets: use y.long()"
     if preds.ndim != targ.ndim:
         return (f"; preds have shape {tuple(preds.shape)} and targets {tuple(targ.shape)}: for an "
@@ -99,4 +118,21 @@ def note_loss_error(e: BaseException, learn: Learner) -> None:
     targets = learn.batch[learn.n_inp:]
     got = ", ".join(describe(t) for t in (learn.preds, *targets))
     e.add_note(f"loss_func got {got} (epoch {learn.epoch}, batch {learn.iter})"
-               + loss_hint(learn.preds, targets))
+               + loss_hint(learn.preds, targets, learn.loss_func))
+
+
+def note_predict_error(e: BaseException, learn: Learner) -> None:
+    """Add the usual fix to an error raised by the model: data on another device, or of
+    another dtype, than the model's parameters."""
+    param = next(learn.model.parameters(), None)
+    inputs = [x for x in learn.batch[:learn.n_inp] if isinstance(x, torch.Tensor)] \
+        if isinstance(learn.batch, (tuple, list)) else []
+    if param is None or not inputs:
+        return
+    x, text = inputs[0], str(e)
+    if x.device != param.device and "device" in text:
+        e.add_note(f"the model is on {param.device} and the batch on {x.device}: add DeviceCB() "
+                   "to cbs (it moves the model and every batch), or move the data yourself")
+    elif x.dtype != param.dtype and ("dtype" in text or "scalar type" in text):
+        e.add_note(f"the model's weights are {param.dtype} and the inputs {x.dtype}: cast the "
+                   f"inputs (x.to({param.dtype}) in the dataset, or a BatchTransformCB)")

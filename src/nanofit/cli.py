@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Sequence
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    try:
+        return version("nanofit")
+    except PackageNotFoundError:  # a source tree that was not installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanofit", description="nanofit: a small, fast training loop for PyTorch")
+    parser.add_argument("--version", action="version", version=f"nanofit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's bundled digits",
                           description="Train a small CNN on scikit-learn's bundled 8x8 digits.")

@@ -192,9 +192,9 @@ class DataLoaders:
         its 'validation', 'valid' or 'test' split (in order).
 
         Rows are collated into tuples in column order by `collate_dict(split)` (`as_tuple=False`
-        keeps dicts). Format the dataset as torch first (`dd.with_format('torch')`) or add a
-        transform giving tensors. `kwargs` go to `torch.utils.data.DataLoader` (e.g.
-        `num_workers`, or `collate_fn` to collate your way).
+        keeps dicts). A split with no format is read as torch tensors (`with_format('torch')`);
+        one with a transform or another format is used as it is. `kwargs` go to
+        `torch.utils.data.DataLoader` (e.g. `num_workers`, or `collate_fn` to collate your way).
         Example: `DataLoaders.from_dd(dd.with_format('torch'), batch_size=64)`
         """
         names = list(dataset_dict.keys())
@@ -204,6 +204,8 @@ class DataLoaders:
             raise ValueError(f"from_dd needs a 'train' and a 'validation' (or 'valid'/'test') "
                              f"split, got splits {names}")
         def loader(ds: Any, shuffle: bool) -> DataLoader:
+            if getattr(ds, "format", {}).get("type") is None and hasattr(ds, "with_format"):
+                ds = ds.with_format("torch")  # rows of Python lists would collate wrongly
             opts = dict(kwargs)
             if "collate_fn" not in opts:
                 opts["collate_fn"] = collate_dict(ds) if as_tuple else default_collate

@@ -6,6 +6,7 @@ the conveniences at the end are one-line facades over the modules that implement
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ from .callbacks import lr_find as finder
 from .callbacks import schedule as scheduling
 from .callbacks.lr_find import LRFinderCB
 from .callbacks.metrics import MetricsCB, Recorder
-from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error
+from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error, note_predict_error
 from .hooks import learner_summary
 from .optim import HPOptimizer, set_hyper, with_hypers
 from .resume import LoopPosition
@@ -113,6 +114,8 @@ class Learner:
                 raise
             except BaseException as e:
                 note_origin(e, fn, event)
+                if event == "predict":
+                    note_predict_error(e, self)  # a batch on another device or dtype
                 raise
 
     def show_training_loop(self) -> None:
@@ -145,7 +148,10 @@ class Learner:
             self.metrics = self.recorder = self.grad_scaler = None
             self.accumulating = False
             self.position.start_fit()
-            self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
+            with warnings.catch_warnings():  # torch only warns when an element-wise loss
+                # broadcasts preds (64, 1) against targets (64,): an error at the first batch
+                warnings.filterwarnings("error", "Using a target size", UserWarning)
+                self._with_events("fit", lambda: self._do_fit(train, valid, ckpt))
         except CANCELS as e:  # CancelFitException stops at the fit: this one escaped its stage
             e.add_note(ESCAPED_CANCEL.format(type(e).__name__))
             raise

@@ -1,6 +1,7 @@
 """Hyper-parameter schedules during training: ParamScheduler, and torch's lr schedulers."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -221,6 +222,10 @@ def _fit_scheduled(learn: Learner, n_epochs: int, scheds: dict[str, Any], wd: fl
         learn.create_opt()
     if "mom" in scheds and not _uses_momentum(learn.opt):
         del scheds["mom"]  # plain SGD, Adagrad...: momentum is not switched on behind your back
+        warnings.warn(f"{type(learn.opt).__name__} here uses no momentum, so the one-cycle "
+                      "momentum schedule (moms=) is skipped; for it use "
+                      "opt_func=partial(torch.optim.SGD, momentum=0.9) or torch.optim.Adam, "
+                      "or pass moms=None to say you mean it", stacklevel=3)
     if len(scheds["lr"]) == 1:
         scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
     if wd is not None:
