@@ -386,3 +386,58 @@ def test_course_helpers_show_their_figures_in_a_notebook_when_the_cell_ends(ipyt
     plots_module.show_when_cell_ends(plots_module._pending[0])
     assert len(plots_module._pending) == 1
     plots_module._pending.clear()
+
+
+def test_the_course_progress_bar_may_wrap_learn_epochs():
+    import torch.nn.functional as F
+
+    from nanofit import Callback, Learner
+    from tests.helpers import make_dls, make_model
+
+    seen = []
+
+    class Bar:  # what fastprogress's master_bar does: iterate, not index
+        def __init__(self, it):
+            self.it = it
+
+        def __iter__(self):
+            for x in self.it:
+                seen.append(x)
+                yield x
+
+    class CourseProgressCB(Callback):
+        def before_fit(self, learn):
+            learn.epochs = self.mbar = Bar(learn.epochs)
+
+    Learner(make_model(), make_dls(), F.cross_entropy, cbs=[CourseProgressCB()]).fit(2)
+    assert seen == [0, 1]
+
+
+def test_run_cbs_and_the_course_hook_helpers():
+    from torch import nn
+
+    from nanofit import Hooks, append_stats, get_hist, get_min, run_cbs
+
+    calls = []
+
+    class A:
+        order = 1
+
+        def before_fit(self, learn):
+            calls.append(("A", learn))
+
+    class B:
+        order = 0
+
+        def before_fit(self, learn):
+            calls.append(("B", learn))
+
+    run_cbs([A(), B()], "before_fit", "learner")
+    assert calls == [("B", "learner"), ("A", "learner")]
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with Hooks(model, append_stats) as hooks:
+        for _ in range(3):
+            model(torch.randn(16, 4))
+        means, stds, hists = hooks[1].stats
+        assert len(means) == 3 and hists[0].shape == (40,)
+        assert get_hist(hooks[1]).shape == (40, 3) and get_min(hooks[1]).shape == (3,)

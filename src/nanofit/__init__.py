@@ -16,6 +16,7 @@ from .callback import (
     CancelEpochException,
     CancelFitException,
     Order,
+    run_cbs,
 )
 from .callbacks import (
     DDPCB,
@@ -50,7 +51,7 @@ from .callbacks import (
 )
 from .data import DataLoaders, TensorLoader, collate_dict
 from .distributed import is_rank0, rank0_only
-from .hooks import Hook, Hooks, ModelSummary, model_summary
+from .hooks import Hook, Hooks, ModelSummary, append_stats, get_hist, get_min, model_summary
 from .images import ImageFolder, show_images
 from .init import GeneralRelu, init_weights, lsuv_init
 from .learner import Learner
@@ -88,7 +89,8 @@ __all__ = [
     "HPOptimizer", "get_hyper", "set_hyper",
     "sched_lin", "sched_cos", "sched_exp", "sched_no", "combine_scheds", "one_cycle_scheds",
     "flat_cos_scheds", "lr_range",
-    "Hook", "Hooks", "HooksCallback", "ActivationStats", "ModelSummary", "model_summary",
+    "Hook", "Hooks", "append_stats", "get_hist", "get_min", "run_cbs", "HooksCallback",
+    "ActivationStats", "ModelSummary", "model_summary",
     "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
     "BatchTransformCB", "Normalize", "DDPCB", "rank0_only", "is_rank0",
     "MixedPrecision", "GradAccumCB", "GradClipCB", "MixUp", "CutMix", "CSVLogger",

@@ -4,13 +4,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 __all__ = ["CANCELS", "Callback", "CancelFitException", "CancelEpochException",
            "CancelBatchException", "Order", "EVENTS", "STEPS", "STAGES", "check_callback",
-           "note_origin", "where", "as_cbs", "build_handlers", "call_all", "describe_loop",
-           "describe_orders", "runs_in"]
+           "note_origin", "where", "as_cbs", "build_handlers", "call_all", "run_cbs",
+           "describe_loop", "describe_orders", "runs_in"]
 
 
 class CancelFitException(Exception):
@@ -136,6 +136,15 @@ def call_all(handlers: Sequence[Callable], learn: Any, event: str) -> None:
                                f"{type(e).__name__}: {e}")
     if first is not None:
         raise first
+
+
+def run_cbs(cbs: Iterable[Any], method_nm: str, learn: Any = None) -> None:
+    """Call `method_nm(learn)` on each callback that has it, sorted by `order` (the course's
+    helper; the Learner dispatches from prebuilt tables instead)."""
+    for cb in sorted(cbs, key=lambda c: getattr(c, "order", 0)):
+        method = getattr(cb, method_nm, None)
+        if method is not None:
+            method(learn)
 
 
 def check_callback(cb: Any) -> None:

@@ -144,11 +144,18 @@ def save_checkpoint(learn: Learner, path: str | Path) -> Path:
     epoch, done, train_done = pos.now(learn)
     mid_valid = pos.fitting and not learn.training and not pos.phase_done
     rng = pos.valid_rng if mid_valid else capture_rng(learn.dls)
+    opt_state = None
+    if learn.opt is not None and callable(getattr(learn.opt, "state_dict", None)):
+        opt_state = learn.opt.state_dict()
+    elif learn.opt is not None:
+        warnings.warn(f"{type(learn.opt).__name__} has no state_dict(): the checkpoint holds no "
+                      "optimizer state, so a resumed run starts it afresh (not bit-exact); "
+                      "give the optimizer state_dict()/load_state_dict() to save it")
     ckpt = {
         "format": FORMAT, "version": VERSION,
         "model": unwrap_model(learn.model).state_dict(),  # loadable without DDP
-        "opt": learn.opt.state_dict() if learn.opt is not None else None,
-        "opt_type": _opt_class(learn.opt) if learn.opt is not None else None,
+        "opt": opt_state,
+        "opt_type": _opt_class(learn.opt) if opt_state is not None else None,
         "n_batches": pos.n_train,
         "lr": learn.lr,
         "n_epochs": learn.n_epochs,

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ["Hook", "Hooks", "select_modules", "ModelSummary", "model_summary", "learner_summary",
-           "first_tensor"]
+           "first_tensor", "append_stats", "get_hist", "get_min"]
 
 HookFunc = Callable[["Hook", nn.Module, tuple, Any], None]
 
@@ -210,3 +210,30 @@ def learner_summary(learn: Learner, flops: bool = True) -> ModelSummary:
     if param is not None:
         inputs = to_device(inputs, param.device)
     return model_summary(learn.model, *inputs, flops=flops)
+
+
+# ---- the course's hook helpers (for `Hooks(model, append_stats)`; ActivationStats does this
+# on the device, without a host sync per batch) ----------------------------------------------
+def append_stats(hook: Any, mod: nn.Module, inp: tuple, outp: Any) -> None:
+    """The course's hook function: append the output's mean, std and a 40-bin histogram of
+    its absolute values over [0, 10) to `hook.stats` (three lists). Syncs with the device."""
+    if not hasattr(hook, "stats"):
+        hook.stats = ([], [], [])
+    acts = first_tensor(outp)
+    if acts is None:
+        return
+    acts = acts.detach().float().cpu()
+    hook.stats[0].append(acts.mean())
+    hook.stats[1].append(acts.std())
+    hook.stats[2].append(acts.abs().histc(40, 0, 10))
+
+
+def get_hist(h: Any) -> torch.Tensor:
+    """A hook's histograms as a (bins, batches) image, log(1 + count), for `imshow`."""
+    return torch.stack(list(h.stats[2])).t().float().log1p()
+
+
+def get_min(h: Any) -> torch.Tensor:
+    """Per batch, the fraction of a hook's activations in the lowest histogram bin."""
+    h1 = torch.stack(list(h.stats[2])).t().float()
+    return h1[0] / h1.sum(0)

@@ -1,6 +1,7 @@
 """Initialisation: Kaiming init, a general ReLU, and LSUV (layer-sequential unit variance)."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, overload
 
@@ -62,14 +63,16 @@ def lsuv_init(model: nn.Module, xb: Any, mods: Sequence[nn.Module | tuple[nn.Mod
 
 
 def lsuv_init(model: nn.Module, xb: Any, mods: Any = None, tol: Any = 1e-3,
-              max_iter: int = 10) -> list[tuple[float, float]]:
+              max_iter: int | None = None) -> list[tuple[float, float]]:
     """Layer-sequential unit-variance init: for each layer in turn (first to last), rescale
     its weights and shift its bias until its output on `xb` has mean ~0 and std ~1.
 
     `mods` defaults to every conv and linear layer. An entry may also be a pair `(at, layer)`:
     then `layer` is adjusted until the output of module `at` (e.g. the activation after it)
     has mean ~0 and std ~1. Runs without gradients and in eval mode (batchnorm statistics are
-    left alone), at most `max_iter` passes per layer. Returns each entry's final (mean, std).
+    left alone), at most `max_iter` passes per layer (default 10; 100 in the course's form,
+    whose loop has no limit); a layer that does not reach `tol` warns. Returns each entry's
+    final (mean, std).
 
     The course's form `lsuv_init(model, m, m_in, xb)` works too: it adjusts the layer `m_in`
     until the output of `m` (its activation) is normalised, i.e. `mods=[(m, m_in)]`; call it
@@ -86,10 +89,12 @@ def lsuv_init(model: nn.Module, xb: Any, mods: Any = None, tol: Any = 1e-3,
                             f"got {type(mods).__name__}; nanofit's form is lsuv_init(model, xb)")
         pairs = [(xb, mods)]
         xb, tol = tol, 1e-3
+        max_iter = 100 if max_iter is None else max_iter
     else:
         mods = mods if mods is not None else [m for m in model.modules()
                                              if isinstance(m, _WEIGHTED)]
         pairs = [m if isinstance(m, tuple) else (m, m) for m in mods]
+    max_iter = 10 if max_iter is None else max_iter
     results = []
     with eval_mode(model), torch.no_grad():
         for at, m in pairs:
@@ -113,5 +118,10 @@ def lsuv_init(model: nn.Module, xb: Any, mods: Any = None, tol: Any = 1e-3,
                         bias -= seen["mean"]
                     weight /= seen["std"]
                 model(xb)
+            if abs(seen["mean"]) >= tol or abs(seen["std"] - 1) >= tol:
+                warnings.warn(f"lsuv_init: {at} has mean {seen['mean']:.4f} and std "
+                              f"{seen['std']:.4f} after {max_iter} passes (tolerance {tol}); "
+                              "raise max_iter, or normalise the layer's own output (nanofit's "
+                              "default) when its activation cannot reach mean 0")
             results.append((seen["mean"], seen["std"]))
     return results

@@ -31,7 +31,7 @@ from .callbacks.lr_find import LRFinderCB
 from .callbacks.metrics import MetricsCB, Recorder
 from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error, note_predict_error
 from .hooks import learner_summary
-from .optim import HPOptimizer, set_hyper, with_hypers
+from .optim import HPOptimizer, lr_problem, set_hyper, with_hypers
 from .resume import LoopPosition
 
 __all__ = ["Learner"]
@@ -67,7 +67,7 @@ class Learner:
         self.batch: Any = None
         self.preds: Any = None
         self.loss: Any = None
-        self.run_valid = False
+        self.run_train = self.run_valid = False  # the phases this fit runs
         self.position = LoopPosition()  # where the loop is, for checkpoints
         # Shared by callbacks (see SHARED): MetricsCB, Recorder, MixedPrecision, GradAccumCB.
         self.metrics: MetricsCB | None = None
@@ -141,9 +141,9 @@ class Learner:
             self.refresh_cbs()  # also picks up callbacks appended to learn.cbs directly
             if lr is not None:
                 self.lr = lr
-            if train:
-                self._prepare_opt(lr)
+            self._prepare_opt(lr, train)
             self.n_epochs, self.epochs = n_epochs, range(n_epochs)
+            self.run_train = train
             self.run_valid = valid and getattr(self.dls, "valid", None) is not None
             self.metrics = self.recorder = self.grad_scaler = None
             self.accumulating = False
@@ -162,7 +162,9 @@ class Learner:
 
     def _do_fit(self, train: bool, valid: bool, ckpt: dict | None) -> None:
         first_epoch, first_batch, train_done = self.position.resume(self, ckpt)
-        for self.epoch in self.epochs[first_epoch:]:
+        # learn.epochs itself, unless resuming: a course ProgressCB wraps it in a progress bar
+        epochs = self.epochs if first_epoch == 0 else range(first_epoch, self.n_epochs)
+        for self.epoch in epochs:
             resumed = self.epoch == first_epoch
             if train and not (resumed and train_done):
                 self.one_epoch(True, first_batch if resumed else 0)
@@ -273,10 +275,12 @@ class Learner:
     def opt(self, opt: Any) -> None:
         self._opt = with_hypers(opt)
 
-    def _prepare_opt(self, lr: float | Sequence[float] | None) -> None:
-        if self.opt is None:
-            self.create_opt()
-        elif lr is not None:
+    def _prepare_opt(self, lr: float | Sequence[float] | None, train: bool) -> None:
+        if self.opt is None:  # also for validation alone, when it can: callbacks may read it
+            if train or (lr_problem(self.lr) is None and next(self.model.parameters(), None)
+                         is not None):
+                self.create_opt()
+        elif lr is not None and train:
             set_hyper(self.opt, "lr", lr)
 
     # ---- conveniences: the functions that do the work, documented where they are defined ------

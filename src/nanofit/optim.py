@@ -19,9 +19,10 @@ from torch import nn
 if TYPE_CHECKING:
     from .learner import Learner
 
-__all__ = ["ScalerSteps", "with_hypers", "groups", "check_lr", "freeze_groups", "create_opt",
-           "splits", "freeze", "unfreeze", "freeze_to", "param_groups", "make_optimizer", "HYPERS",
-           "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers", "hyper_access"]
+__all__ = ["ScalerSteps", "with_hypers", "groups", "lr_problem", "check_lr", "freeze_groups",
+           "create_opt", "splits", "freeze", "unfreeze", "freeze_to", "param_groups",
+           "make_optimizer", "HYPERS", "HPOptimizer", "get_hyper", "set_hyper", "supported_hypers",
+           "hyper_access"]
 
 HYPERS = ("lr", "mom", "wd", "beta")
 
@@ -147,6 +148,11 @@ class HPOptimizer(torch.optim.Optimizer):
         """The optimizer itself (`learn.opt.opt` used to name the wrapped one)."""
         return self
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Pickled as the optimizer class it extends (the extended class is made at run time).
+        base = next(c for c in type(self).__mro__[1:] if c is not HPOptimizer)
+        return _rebuild_optimizer, (base, self.__getstate__())
+
     @property
     def hypers(self) -> list[str]:
         """The hyper-parameter names this optimizer supports."""
@@ -164,6 +170,13 @@ class HPOptimizer(torch.optim.Optimizer):
 
 
 _EXTENDED: dict[type, type] = {}
+
+
+def _rebuild_optimizer(cls: Any, state: dict[str, Any]) -> Any:
+    """Unpickle an optimizer pickled by HPOptimizer.__reduce_ex__."""
+    opt = cls.__new__(cls)
+    opt.__setstate__(state)
+    return with_hypers(opt)
 
 
 def with_hypers(opt: Any) -> Any:
@@ -226,14 +239,22 @@ class ScalerSteps:
         self._handle.remove()
 
 
-def check_lr(lr: Any, where_: str) -> None:
-    """A learning rate is a finite number >= 0 (0 freezes training, as torch allows), or a
-    list of them, one per param group."""
+def lr_problem(lr: Any) -> str | None:
+    """What is wrong with a learning rate, or None: it must be a finite number >= 0 (0 freezes
+    training, as torch allows), or a list of them, one per param group."""
     values = list(lr) if isinstance(lr, (list, tuple)) else [lr]
     if not values or not all(not isinstance(v, bool) and isinstance(v, numbers.Real)
                              and math.isfinite(v) and float(v) >= 0 for v in values):
-        raise ValueError(f"{where_}: lr must be a finite number >= 0 (or a list of them, one "
-                         f"per param group), got {lr!r}")
+        return (f"lr must be a finite number >= 0 (or a list of them, one per param group), "
+                f"got {lr!r}")
+    return None
+
+
+def check_lr(lr: Any, where_: str) -> None:
+    """Raise a ValueError saying what is wrong with `lr` (see lr_problem)."""
+    problem = lr_problem(lr)
+    if problem is not None:
+        raise ValueError(f"{where_}: {problem}")
 
 
 def freeze_groups(model: nn.Module, groups: list[list[nn.Parameter]], n: int,

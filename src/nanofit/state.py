@@ -16,7 +16,7 @@ __all__ = ["preserve_state", "preserved_loop", "removed_cbs",
            "get_rng_state", "set_rng_state", "loader_generators"]
 
 LOOP_STATE = ("lr", "n_epochs", "epochs", "epoch", "iter", "n_iter", "dl", "batch", "preds",
-              "loss", "run_valid")
+              "loss", "run_train", "run_valid")
 
 
 @contextmanager
@@ -72,7 +72,11 @@ def preserve_state(learn: Learner) -> Iterator[None]:
     flags = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
     opt = learn.opt
-    opt_state = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    # A hand-written optimizer (no state_dict) gets its attributes back (lr...); state it
+    # keeps on the parameters themselves is not restored.
+    stateful = opt is not None and callable(getattr(opt, "state_dict", None))
+    opt_state = copy.deepcopy(opt.state_dict()) if stateful and opt is not None else None
+    opt_attrs = dict(vars(opt)) if opt is not None and not stateful else None
     cb_states = [(cb, copy.deepcopy(cb.state_dict())) for cb in learn.cbs
                  if callable(getattr(cb, "state_dict", None))]
     idle_loaders = [dl for dl in _loaders(learn.dls) if getattr(dl, "_iterator", "") is None]
@@ -90,6 +94,8 @@ def preserve_state(learn: Learner) -> Iterator[None]:
             learn.opt = opt
             if opt is not None and opt_state is not None:
                 opt.load_state_dict(opt_state)
+            elif opt is not None and opt_attrs is not None:
+                vars(opt).update(opt_attrs)
             for cb, state in cb_states:
                 cb.load_state_dict(state)
             for dl in idle_loaders:  # persistent workers started meanwhile carry RNG state

@@ -231,3 +231,10 @@ def test_accumulation_leftover_step_runs_in_the_last_batch_with_its_events():
     learn.fit(1, valid=False)
     done = [i for kind, i, acc in events if kind == "backward" and not acc]
     assert done == [1, 3, 4] and len(events) == 10  # no extra event after the epoch
+
+
+def test_mixed_precision_takes_the_course_n_inp():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[MixedPrecision(n_inp=1)])
+    learn.n_inp = 5
+    learn.fit(1)
+    assert learn.n_inp == 1

@@ -182,10 +182,29 @@ def test_reused_schedule_callbacks_sit_out_a_validation_only_fit():
            ParamScheduler(mom=sched_cos(0.9, 0.8))]
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1, cbs=cbs,
                     opt_func=partial(torch.optim.SGD, momentum=0.9))
-    learn.fit(1, train=False)  # before any training: no optimizer needed, nothing scheduled
-    assert learn.opt is None
-    learn.create_opt()
-    learn.fit(1, train=False)  # with an optimizer: its rate and momentum stay as they are
+    learn.fit(1, train=False)  # before any training: nothing scheduled, the rate stays
+    assert learn.opt.lr == 0.1 and learn.opt.mom == 0.9
+    learn.fit(1, train=False)
     assert learn.opt.lr == 0.1 and learn.opt.mom == 0.9
     learn.fit(1)  # training builds the scheduler and follows it
     assert learn.opt.lr != 0.1 and learn.opt.mom != 0.9
+
+
+def test_the_course_schedule_callback_in_a_first_validation_only_fit():
+    from torch.optim.lr_scheduler import ExponentialLR
+
+    class BaseSchedCB(Callback):  # miniai's, unchanged: builds its scheduler at before_fit
+        def __init__(self, sched):
+            self.sched = sched
+
+        def before_fit(self, learn):
+            self.schedo = self.sched(learn.opt)
+
+        def after_batch(self, learn):
+            if learn.training:
+                self.schedo.step()
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1,
+                    cbs=[BaseSchedCB(partial(ExponentialLR, gamma=0.5))])
+    learn.fit(1, train=False)  # the course makes an optimizer in every fit: so does nanofit
+    assert learn.opt.lr == 0.1

@@ -88,7 +88,10 @@ class LRFinderCB(Callback):
             if end_lr is not None or gamma <= 1:
                 raise ValueError(f"lr_find: give gamma > 1 (the lr's growth per batch) or "
                                  f"end_lr, not both; got gamma={gamma}, end_lr={end_lr}")
-            end_lr = start_lr * gamma ** (num_it - 1)
+            # in log space: gamma ** (num_it - 1) overflows a float for long sweeps; the loss
+            # diverges long before 1e10 anyway
+            end_lr = start_lr * math.exp(min((num_it - 1) * math.log(gamma),
+                                             math.log(max(1e10 / start_lr, 1.0))))
         end_lr = 10.0 if end_lr is None else end_lr
         if not 0 < start_lr < end_lr:
             raise ValueError(f"lr_find needs 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
@@ -96,6 +99,9 @@ class LRFinderCB(Callback):
             raise ValueError(f"lr_find: max_mult (divergence at max_mult x the lowest loss) "
                              f"must be > 1, got {max_mult}")
         self.start_lr, self.end_lr, self.num_it = start_lr, end_lr, num_it
+        # In log space: a long sweep cannot overflow, and gamma stays the exact growth.
+        self._log_span = math.log(end_lr / start_lr)
+        self._log_growth = math.log(gamma) if gamma else self._log_span / (num_it - 1)
         self.stop_div, self.beta, self.max_mult = stop_div, beta, max_mult
         self.lrs: list[float] = []
         self.raw_losses: list[float] = []
@@ -103,7 +109,7 @@ class LRFinderCB(Callback):
 
     def lr_at(self, i: int) -> float:
         """The lr of batch i: geometric steps from start_lr (i=0) to end_lr (i=num_it-1)."""
-        return self.start_lr * (self.end_lr / self.start_lr) ** (i / (self.num_it - 1))
+        return self.start_lr * math.exp(min(i * self._log_growth, self._log_span))
 
     def before_fit(self, learn: Learner) -> None:
         self.lrs, self.raw_losses, self.losses = [], [], []

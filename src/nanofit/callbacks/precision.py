@@ -29,8 +29,9 @@ class MixedPrecision(Callback):
 
     order = Order.PRECISION
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, n_inp: int | None = None) -> None:
         self.dtype = dtype
+        self.n_inp = n_inp  # the course's MixedPrecision is a TrainCB(n_inp): the same here
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped = 0
         self._amp: ScalerSteps | None = None
@@ -38,6 +39,8 @@ class MixedPrecision(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         self._depth += 1
+        if self.n_inp is not None:
+            learn.n_inp = self.n_inp
         if self._depth > 1:  # a helper fit inside the fit: keep the running fit's state
             learn.grad_scaler = self.scaler
             return

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..callback import Callback, Order
-from ..optim import HPOptimizer, check_lr, groups, hyper_access
+from ..optim import HPOptimizer, check_lr, groups, hyper_access, supported_hypers
 from ..schedule import Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no
 
 if TYPE_CHECKING:
@@ -43,10 +43,8 @@ class ParamScheduler(Callback):
         self._plan: list[tuple[Any, Any]] | None = None
 
     def before_fit(self, learn: Learner) -> None:
-        self._plan = None  # resolved when training starts: a validation-only fit needs none
-
-    def before_epoch(self, learn: Learner) -> None:
-        if learn.training and self._plan is None:
+        self._plan = None  # a validation-only fit needs no optimizer and changes nothing
+        if learn.run_train:
             self._resolve(learn)
 
     def _resolve(self, learn: Learner) -> None:
@@ -111,12 +109,10 @@ class _TorchSchedCB(Callback):
             self.scheduler.load_state_dict(self._state)
 
     def before_fit(self, learn: Learner) -> None:
-        # Built when training starts: a torch scheduler sets the lr as it is made, and a
+        # Only for a fit that trains: a torch scheduler sets the lr as it is made, and a
         # validation-only fit must neither need an optimizer nor change its rate.
         self.scheduler, self._state = None, None
-
-    def before_epoch(self, learn: Learner) -> None:
-        if learn.training and self.scheduler is None:
+        if learn.run_train:
             self._build(learn)
 
     def _build(self, learn: Learner) -> None:
@@ -163,7 +159,7 @@ class EpochSchedCB(_TorchSchedCB):
                              f"add a MetricsCB to cbs (monitor={self.monitor!r})")
 
     def after_epoch(self, learn: Learner) -> None:
-        if self.scheduler is None:  # no training yet in this fit
+        if self.scheduler is None:  # a validation-only fit
             return
         if not self.on_metric:
             if learn.training:
@@ -210,7 +206,7 @@ def fit_flat_cos(learn: Learner, n_epochs: int, lr: Any = None, div_final: float
 
 
 def _uses_momentum(opt: Any) -> bool:
-    if opt is None or "mom" not in opt.hypers:
+    if opt is None or "mom" not in supported_hypers(opt):
         return False
     mom = opt.mom
     return any(m > 0 for m in (mom if isinstance(mom, list) else [mom]))
