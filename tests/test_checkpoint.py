@@ -722,3 +722,16 @@ def test_a_read_only_folder_gives_a_permission_error_naming_the_file(tmp_path):
     finally:
         folder.chmod(0o755)
     assert list(folder.iterdir()) == []
+
+
+def test_weights_alone_load_into_a_model_of_another_dtype(tmp_path):
+    learn = make_learner()
+    learn.fit(1)
+    path = learn.save(str(tmp_path / "fp32.pt"))
+    half = make_learner()
+    half.model.to(torch.bfloat16)
+    half.load(path, with_opt=False)  # cast, as torch's load_state_dict does
+    for a, b in zip(half.model.parameters(), learn.model.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="float32"):
+        half.load(path)  # with the optimizer (a resume) the dtypes must match

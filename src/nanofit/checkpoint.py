@@ -326,7 +326,10 @@ def load_checkpoint(learn: Learner, ckpt: dict[str, Any], with_opt: bool = True)
 def _checked_opt(learn: Learner, ckpt: dict[str, Any], with_opt: bool) -> Any:
     """Check the weights and the optimizer against the learner; return the optimizer the
     checkpoint's state goes into: learn.opt, or a new one that holds it already."""
-    check_weights(unwrap_model(learn.model), ckpt["model"], f"checkpoint {ckpt['path']!r}")
+    # With the optimizer (a resume) the dtypes must match too: the run continues exactly.
+    # Weights alone are cast, as torch does (an fp32 checkpoint into a bf16 model).
+    check_weights(unwrap_model(learn.model), ckpt["model"], f"checkpoint {ckpt['path']!r}",
+                  dtypes=with_opt)
     opt = _target_opt(learn, ckpt) if with_opt else None
     if opt is not None:
         _check_opt_fits(opt, ckpt)
