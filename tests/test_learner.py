@@ -647,3 +647,16 @@ def test_one_cycle_says_when_it_skips_the_momentum_schedule():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         learn.fit_one_cycle(1, 0.1, moms=None)  # said on purpose: no warning
+
+
+def test_a_bare_fit_says_once_how_to_see_progress(capsys):
+    from nanofit import checks
+
+    checks._SAID.discard("silent fit")
+    Learner(make_model(), make_dls(), F.cross_entropy).fit(1)
+    Learner(make_model(), make_dls(), F.cross_entropy).fit(1)
+    err = capsys.readouterr().err
+    assert err.count("add cbs=[MetricsCB(...), ProgressCB()]") == 1  # once per process
+    checks._SAID.discard("silent fit")
+    Learner(make_model(), make_dls(), F.cross_entropy, cbs=[Callback()]).fit(1)
+    assert "ProgressCB()" not in capsys.readouterr().err  # a fit with callbacks: no hint

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +19,8 @@ ESCAPED_CANCEL = ("{} escaped fit: it was raised outside its stage (e.g. CancelB
                   "CancelFitException")
 
 __all__ = ["ESCAPED_CANCEL", "check_fit_args", "check_first_batch", "loss_hint", "describe",
-           "note_loss_error", "note_predict_error"]
+           "note_loss_error", "note_predict_error",
+           "say_once", "hint_silent_fit"]
 
 
 def check_fit_args(learn: Learner, n_epochs: int, train: bool, valid: bool, lr: Any,
@@ -136,3 +138,20 @@ def note_predict_error(e: BaseException, learn: Learner) -> None:
     elif x.dtype != param.dtype and ("dtype" in text or "scalar type" in text):
         e.add_note(f"the model's weights are {param.dtype} and the inputs {x.dtype}: cast the "
                    f"inputs (x.to({param.dtype}) in the dataset, or a BatchTransformCB)")
+
+
+_SAID: set[str] = set()
+
+
+def say_once(key: str, message: str) -> None:
+    """Print a hint on stderr, once per process."""
+    if key not in _SAID:
+        _SAID.add(key)
+        print(f"nanofit: {message}", file=sys.stderr, flush=True)
+
+
+def hint_silent_fit(learn: Learner) -> None:
+    """A bare learner's fit shows nothing: say once how to see progress."""
+    if not learn.cbs:
+        say_once("silent fit", "this fit has no callbacks, so it shows nothing; add "
+                 "cbs=[MetricsCB(...), ProgressCB()] to see losses and metrics per epoch")

@@ -29,7 +29,13 @@ from .callbacks import lr_find as finder
 from .callbacks import schedule as scheduling
 from .callbacks.lr_find import LRFinderCB
 from .callbacks.metrics import MetricsCB, Recorder
-from .checks import ESCAPED_CANCEL, check_fit_args, note_loss_error, note_predict_error
+from .checks import (
+    ESCAPED_CANCEL,
+    check_fit_args,
+    hint_silent_fit,
+    note_loss_error,
+    note_predict_error,
+)
 from .hooks import learner_summary
 from .optim import HPOptimizer, lr_problem, set_hyper, with_hypers
 from .resume import LoopPosition
@@ -147,6 +153,7 @@ class Learner:
             self.run_valid = valid and getattr(self.dls, "valid", None) is not None
             self.metrics = self.recorder = self.grad_scaler = None
             self.accumulating = False
+            hint_silent_fit(self)
             self.position.start_fit()
             with warnings.catch_warnings():  # torch only warns when an element-wise loss
                 # broadcasts preds (64, 1) against targets (64,): an error at the first batch
