@@ -165,7 +165,7 @@ def test_every_damaged_export_gives_a_clear_error_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("entries, problem", [
-    ({"version": 2}, "'version' is not a format version"),
+    ({"version": 3}, "'version' is not a format version"),
     ({"model": {"w": [1.0]}}, "'model' is not a dict of tensors"),
     ({"kwargs": {1: 2}}, "'kwargs' is not a dict of keyword arguments"),
     ({"normalize": {"mean": [0.5], "std": [0.0]}}, "'normalize' is not"),
@@ -192,3 +192,50 @@ def test_capture_preds_in_the_course_order():
     assert inps.shape == (20, 4) and preds.shape == (20, 3) and targs.shape == (20,)
     preds3, targs3 = learn.capture_preds()
     assert torch.equal(preds3, preds)
+
+
+# ---- show_results -------------------------------------------------------------------------------
+def sorted_by_class_learner(loader="tensor"):
+    """30 validation items sorted by class (10 of each, as a class-sorted folder gives) and a
+    model that always says class 0."""
+    x = torch.rand(30, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(30) // 10
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0, 0.0]))
+    if loader == "tensor":
+        valid = TensorLoader((x, y), 8)
+    else:
+        class Noisy(torch.utils.data.Dataset):  # draws random numbers per item, as augment would
+            def __len__(self):
+                return 30
+
+            def __getitem__(self, i):
+                return x[i] + 0 * torch.rand(()), y[i]
+        valid = torch.utils.data.DataLoader(Noisy(), batch_size=8)
+    return Learner(model, DataLoaders(TensorLoader((x, y), 8, shuffle=True), valid))
+
+
+@pytest.mark.parametrize("loader", ["tensor", "dataloader"])
+def test_show_results_samples_across_the_validation_set_and_marks_wrong_predictions(loader,
+                                                                                  tmp_path):
+    from matplotlib.colors import to_rgba
+
+    learn = sorted_by_class_learner(loader)
+    rng = torch.get_rng_state()
+    fig = learn.show_results(n=6, ncols=3, path=tmp_path / "results.png")
+    assert torch.equal(torch.get_rng_state(), rng)  # training goes on as if it never ran
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    axes = [ax for ax in fig.axes if ax.images]
+    titles = [ax.get_title() for ax in axes]
+    assert len(axes) == 6 and len({ax.get_position().x0 for ax in axes}) == 3  # ncols kept
+    assert [t.split(" / ")[1] for t in titles] == ["0", "0", "1", "1", "2", "2"]  # every class
+    red = [to_rgba(ax.title.get_color()) == to_rgba("red") for ax in axes]
+    wrong = [t.split(" / ")[0] != t.split(" / ")[1] for t in titles]
+    assert red == wrong == [False] * 2 + [True] * 4
+    again = learn.show_results(n=6, ncols=3)  # the same sample every time
+    assert [ax.get_title() for ax in again.axes if ax.images] == titles
+    everything = learn.show_results(n=50)  # more than there is: all of it, in order
+    assert [ax.get_title().split(" / ")[1] for ax in everything.axes if ax.images] == \
+        [str(int(c)) for c in torch.arange(30) // 10]

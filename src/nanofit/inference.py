@@ -1,6 +1,6 @@
 """Inference: predictions for a whole loader, for one item or batch, with test-time
-augmentation, shown as images; export for `load_learner` (no pickles: a constructor name
-and weights)."""
+augmentation, shown as images; export for `load_learner` (no pickles: a constructor name, or
+an nn.Sequential's torch.nn layers described as plain data, and the weights)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import IterableDataset, RandomSampler, default_collate
 
 from .augment import Normalize, random_flip
 from .callback import Callback, Order, runs_in
@@ -18,9 +18,17 @@ from .data import DataLoaders, TensorLoader
 from .distributed import unwrap_model
 from .files import atomic_save, load_file, plain_state
 from .images import show_images
-from .registry import exportable, reference, resolve
+from .plots import save_figure
+from .registry import (
+    build_layers,
+    describe_layers,
+    exportable,
+    reference,
+    resolve,
+    unsupported_layer,
+)
 from .state import preserved_loop
-from .torch_utils import eval_mode, to_device
+from .torch_utils import eval_mode, preserved_rng, to_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -31,7 +39,7 @@ __all__ = ["get_preds", "capture_preds", "predict", "tta", "export", "read_expor
            "exportable"]  # exportable: at home in registry.py, importable here as before
 
 EXPORT_FORMAT = "nanofit.export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: a model described as torch.nn layers; builder exports stay 1
 
 
 class _Capture(Callback):
@@ -179,35 +187,76 @@ def _plain_args(args: list, kwargs: dict) -> tuple[list, dict]:
 def export(learn: Learner, path: str | Path, model_fn: Callable | None = None,
            args: tuple = (), kwargs: dict | None = None) -> str:
     """`learn.export(path)`: save what `nanofit.load_learner` needs to rebuild the learner for
-    inference: the weights, the model's constructor name with its arguments (plain data), the
-    validation Normalize and the vocab. Nothing is pickled. The constructor is `model_fn` (a
-    class or builder, with `args`/`kwargs`), or the @exportable builder that made the model;
-    export checks that it rebuilds a model with the same weight shapes. Returns the path."""
+    inference: the weights, how to rebuild the model, the validation Normalize and the vocab.
+    Nothing is pickled. The model is rebuilt by `model_fn` (a class or builder, with
+    `args`/`kwargs`) or the @exportable builder that made it, called with plain-data
+    arguments; without either, an nn.Sequential (nested ones too) of torch.nn layers (those
+    of `nanofit.registry.LAYERS`: Linear, Conv2d, BatchNorm2d, ReLU, Flatten, ...) is saved
+    as a description of its layers. Export checks that the model it will rebuild has the same
+    weight names and shapes. Returns the path."""
     model = unwrap_model(learn.model)
-    recorded: Any = getattr(model, "nanofit_constructor", None)  # set by @exportable builders
-    if model_fn is not None:
-        ref, arg_list, kwargs = reference(model_fn), list(args), dict(kwargs or {})
-    elif recorded is not None:
-        ref, arg_list, kwargs = recorded
-    else:
-        raise ValueError(f"export needs to know how to rebuild the {type(model).__name__}: pass "
-                         "model_fn= (its class or builder) with args=/kwargs=, or build it with "
-                         "a builder marked @nanofit.exportable (simple_cnn, resnet are)")
-    arg_list, kwargs = _plain_args(arg_list, kwargs)
-    rebuilt = resolve(ref, (model_fn,) if model_fn is not None else ())(*arg_list, **kwargs)
-    mine, theirs = _shapes(model), _shapes(rebuilt)
-    differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-    if differ:
-        raise ValueError(f"export: {ref}(*{arg_list}, **{kwargs}) builds a model whose weights "
-                         f"do not match this one (differing: {differ[:5]}); check the arguments")
     norm = next((cb.tfm for cb in learn.cbs if isinstance(cb, BatchTransformCB)
                  and isinstance(cb.tfm, Normalize) and cb.on_val), None)
     vocab = getattr(learn.dls, "vocab", None) if learn.dls is not None else None
-    saved = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "constructor": ref,
-             "args": arg_list, "kwargs": kwargs, "model": model.state_dict(),
-             "n_inp": learn.n_inp, "item_ndim": _item_ndim(learn), "vocab": vocab,
+    how = _how_to_rebuild(model, model_fn, args, kwargs)
+    saved = {"format": EXPORT_FORMAT, "version": 1 if how["layers"] is None else 2, **how,
+             "model": model.state_dict(), "n_inp": learn.n_inp, "item_ndim": _item_ndim(learn),
+             "vocab": vocab,
              "normalize": None if norm is None else {"mean": norm.mean, "std": norm.std}}
     return str(atomic_save(plain_state(saved, "export"), path))
+
+
+def _how_to_rebuild(model: torch.nn.Module, model_fn: Callable | None, args: tuple,
+                    kwargs: dict | None) -> dict[str, Any]:
+    """The export's constructor, args, kwargs and layers entries for `model`."""
+    recorded: Any = getattr(model, "nanofit_constructor", None)  # set by @exportable builders
+    if model_fn is not None or recorded is not None:
+        if model_fn is not None:
+            ref, arg_list, kwargs = reference(model_fn), list(args), dict(kwargs or {})
+        else:
+            ref, arg_list, kwargs = recorded
+        arg_list, kwargs = _plain_args(arg_list, kwargs)
+        rebuilt = resolve(ref, (model_fn,) if model_fn is not None else ())(*arg_list, **kwargs)
+        differ = _differ(model, rebuilt)
+        if not differ:
+            return {"constructor": ref, "args": arg_list, "kwargs": kwargs, "layers": None}
+        if model_fn is not None or unsupported_layer(model) is not None:
+            raise ValueError(f"export: {ref}(*{arg_list}, **{kwargs}) builds a model whose "
+                             f"weights do not match this one (differing: {differ[:5]}); check "
+                             "the arguments")
+        # else: changed since its builder made it (a new head...), but plain layers still
+    found = unsupported_layer(model)
+    if found is not None:
+        where, sub = found
+        kind = f"{type(sub).__module__}.{type(sub).__qualname__}"
+        what = (f"its submodule {where!r} (a {kind}) is not" if where else
+                f"it is a {kind}, not")
+        raise ValueError(
+            f"export needs to know how to rebuild the {type(model).__name__}, and {what} an "
+            "nn.Sequential or a torch.nn layer it can describe without code (those in "
+            "nanofit.registry.LAYERS). Build the model with a builder marked "
+            "@nanofit.exportable (simple_cnn, resnet are), or pass model_fn= (its class or "
+            "builder) with args=/kwargs=; then load_learner(path, allowed=(...)) rebuilds it")
+    layers = plain_state(describe_layers(model), "export layers")
+    try:
+        with torch.device("meta"):
+            differ = _differ(model, build_layers(layers))
+    except ValueError as e:  # an odd child name or argument: what load_learner would refuse
+        raise ValueError(f"export: this {type(model).__name__} cannot be saved as a description "
+                         f"of its layers ({e}); pass model_fn= or build it with an "
+                         "@nanofit.exportable builder") from None
+    if differ:
+        raise ValueError(f"export: this {type(model).__name__}'s layers, rebuilt, hold other "
+                         f"weights (differing: {differ[:5]}): parametrizations or extra "
+                         "parameters/buffers are not part of a layer's description; pass "
+                         "model_fn= or build it with an @nanofit.exportable builder")
+    return {"constructor": None, "args": [], "kwargs": {}, "layers": layers}
+
+
+def _differ(model: torch.nn.Module, rebuilt: torch.nn.Module) -> list[str]:
+    """The state-dict keys whose shapes differ (or that only one of the models has)."""
+    mine, theirs = _shapes(model), _shapes(rebuilt)
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -218,8 +267,8 @@ def read_export(path: str | Path, cpu: bool = True,
                 allowed: tuple = ()) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model rebuilt from an export file and the file's other entries (`load_learner`).
     Runs no code from the file: the constructor is looked up by name among the @exportable
-    ones and `allowed` (see registry.py). Every problem with the file is a ValueError naming
-    it (FileNotFoundError if it is missing)."""
+    ones and `allowed`, a described layer's name among `registry.LAYERS` (see registry.py).
+    Every problem with the file is a ValueError naming it (FileNotFoundError if missing)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"exported learner {str(path)!r} does not exist")
@@ -232,11 +281,15 @@ def read_export(path: str | Path, cpu: bool = True,
     if problems:
         raise ValueError(f"exported learner {str(path)!r} is damaged or was not written by "
                          f"nanofit: {'; '.join(problems)}; export the learner again")
-    try:
-        ctor = resolve(obj["constructor"], tuple(allowed))
-    except ValueError as e:
-        raise ValueError(f"{e} (in {str(path)!r})") from None
-    model = _rebuild(ctor, obj, f"exported learner {str(path)!r}")
+    source = f"exported learner {str(path)!r}"
+    if obj.get("layers") is not None:
+        model = _rebuild_layers(obj["layers"], obj["model"], source)
+    else:
+        try:
+            ctor = resolve(obj["constructor"], tuple(allowed))
+        except ValueError as e:
+            raise ValueError(f"{e} (in {str(path)!r})") from None
+        model = _rebuild(ctor, obj, source)
     model.load_state_dict(obj["model"])
     model.eval()
     return model, obj
@@ -247,7 +300,10 @@ def _export_problems(obj: dict[str, Any]) -> list[str]:
     checks = [
         ("version", lambda v: isinstance(v, int) and 1 <= v <= EXPORT_VERSION,
          f"a format version this nanofit reads (1 to {EXPORT_VERSION})"),
-        ("constructor", lambda v: isinstance(v, str), "a constructor name"),
+        ("constructor", lambda v: isinstance(v, str) or (v is None and obj.get("layers")),
+         "a constructor name"),
+        ("layers", lambda v: v is None or (isinstance(v, dict) and obj.get("constructor") is None),
+         "a layer description (in a file without a constructor)"),
         ("args", lambda v: isinstance(v, (list, tuple)), "a list of arguments"),
         ("kwargs", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
          "a dict of keyword arguments"),
@@ -272,6 +328,18 @@ def _is_normalize(value: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+def _rebuild_layers(layers: Any, weights: dict[str, Any], source: str) -> torch.nn.Module:
+    """The nn.Sequential a description stands for, checked against the saved weights' keys
+    and shapes on the meta device first, so damaged sizes cannot allocate a huge model."""
+    try:
+        with torch.device("meta"):
+            probe = build_layers(layers)
+        check_weights(probe, weights, source, dtypes=False)
+        return build_layers(layers)
+    except ValueError as e:
+        raise ValueError(e.args[0] if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def _rebuild(ctor: Callable, obj: dict[str, Any], source: str) -> torch.nn.Module:
@@ -300,19 +368,51 @@ def _rebuild(ctor: Callable, obj: dict[str, Any], source: str) -> torch.nn.Modul
 
 def show_results(learn: Learner, n: int = 9, ncols: int | None = None,
                  path: str | Path | None = None) -> Figure:
-    """`learn.show_results()`: the first `n` validation images titled 'prediction / target'
-    (class names when the data has a vocab), predicted in eval mode with the learner's
-    validation batch transforms; returns the Figure and saves it to `path` if given."""
-    xb, yb = next(iter(learn.dls.valid))[:2]
-    xb, yb = xb[:n], yb[:n]
-    param = next(learn.model.parameters(), None)
-    batch = to_device((xb, yb), param.device) if param is not None else (xb, yb)
-    for cb in sorted(learn.cbs, key=lambda c: c.order):
-        if isinstance(cb, BatchTransformCB) and cb.on_val:
-            batch = cb.transform(batch)
-    with eval_mode(learn.model), torch.no_grad():
-        preds = learn.model(batch[0]).argmax(1).cpu()
+    """`learn.show_results()`: `n` validation images spread evenly over the validation set
+    (so a folder sorted by class shows every class), titled 'prediction / target' (class
+    names when the data has a vocab), wrong predictions in red. They are predicted in eval
+    mode with the learner's validation batch transforms, and no RNG moves (training goes on
+    as if this never ran). Returns the Figure and saves it to `path` if given."""
+    with preserved_rng(learn.dls):  # items or transforms that draw random numbers
+        xb, yb = _spread_sample(learn.dls.valid, n)
+        param = next(learn.model.parameters(), None)
+        batch = to_device((xb, yb), param.device) if param is not None else (xb, yb)
+        for cb in sorted(learn.cbs, key=lambda c: c.order):
+            if isinstance(cb, BatchTransformCB) and cb.on_val:
+                batch = cb.transform(batch)
+        with eval_mode(learn.model), torch.no_grad():
+            preds = learn.model(batch[0]).argmax(1).cpu()
     vocab = getattr(learn.dls, "vocab", None)
     name = (lambda i: vocab[int(i)]) if vocab else (lambda i: str(int(i)))
     titles = [f"{name(p)} / {name(t)}" for p, t in zip(preds, yb)]
-    return show_images(xb, titles, ncols, path)
+    fig = show_images(xb, titles, ncols)
+    if isinstance(yb, torch.Tensor) and yb.shape == preds.shape:  # class indices: mark misses
+        axes = [ax for ax in fig.axes if ax.images]
+        for ax, wrong in zip(axes, (preds != yb.cpu()).tolist()):
+            if wrong:
+                ax.title.set_color("red")
+    return save_figure(fig, path)
+
+
+def _spread_sample(dl: Any, n: int) -> tuple[Any, Any]:
+    """Inputs and targets of `n` items at evenly spaced positions of `dl`'s data (all of it
+    when it holds fewer), collated as `dl` would; a loader with no indexable data gives the
+    first `n` of its first batch."""
+    dataset = getattr(dl, "dataset", None)
+    if isinstance(dl, TensorLoader):
+        idx = _spread(dl.n, n)
+        return dl.tensors[0][idx], dl.tensors[1][idx]
+    if (dataset is not None and not isinstance(dataset, IterableDataset)
+            and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        collate = getattr(dl, "collate_fn", None) or default_collate
+        batch = collate([dataset[i] for i in _spread(len(dataset), n).tolist()])
+        return batch[0], batch[1]
+    xb, yb = next(iter(dl))[:2]
+    return xb[:n], yb[:n]
+
+
+def _spread(total: int, n: int) -> torch.Tensor:
+    """`n` distinct positions out of `total`, evenly spaced and centred (all when n >= total)."""
+    if n >= total:
+        return torch.arange(total)
+    return (torch.arange(n) * 2 + 1) * total // (2 * n)

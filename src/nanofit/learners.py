@@ -61,8 +61,10 @@ class MomentumLearner(TrainLearner):
 
 def load_learner(path: str | Path, cpu: bool = True, allowed: tuple = ()) -> Learner:
     """A Learner for inference from `learn.export(path)`: the model rebuilt from its
-    constructor and weights, normalisation and vocab restored. Runs no code from the file:
-    the constructor must be marked @nanofit.exportable, or be one of `allowed`."""
+    constructor (or its description as torch.nn layers) and weights, normalisation and vocab
+    restored. Runs no code from the file: the constructor must be marked @nanofit.exportable
+    or be one of `allowed`; described layers must be torch.nn classes of
+    `nanofit.registry.LAYERS`, with plain-data arguments of the kinds listed there."""
     model, obj = read_export(path, cpu, allowed)
     cbs = []
     if obj.get("normalize"):
