@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, inference, optim, state
+from . import export as exporting
 from .callback import (
     CANCELS,
     STAGES,
@@ -306,6 +307,6 @@ class Learner:
     get_preds = inference.get_preds
     capture_preds = inference.capture_preds
     tta = inference.tta
-    export = inference.export
+    export = exporting.export
     show_results = inference.show_results
     summary = learner_summary

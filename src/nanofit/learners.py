@@ -13,7 +13,7 @@ from torch import nn
 
 from .augment import Normalize
 from .callbacks.transforms import BatchTransformCB
-from .inference import read_export
+from .export import read_export
 from .learner import Learner
 
 __all__ = ["TrainLearner", "MomentumLearner", "load_learner"]
