@@ -247,7 +247,8 @@ class DataLoaders:
         return x.mean(dims), x.std(dims)
 
     def show_batch(self, n: int = 16, ncols: int | None = None, path: str | Path | None = None):
-        """A grid of the first `n` training images with their labels; returns the Figure."""
+        """A grid of the first `n` training images with their labels; returns the Figure,
+        saved to `path` if given. In a notebook it shows once, inline."""
         xb, yb = next(iter(self.train))[:2]
         vocab = self.vocab
         titles = [vocab[int(y)] if vocab else str(int(y)) for y in yb[:n]]

@@ -1,8 +1,9 @@
 """Matplotlib helpers. Figures are made without pyplot, so scripts need no GUI backend.
 matplotlib is imported when the first figure is made, not with nanofit.
 
-The course's image helpers are here too (`show_image`, `subplots`, `get_grid`): in a Jupyter
-notebook the figures they make show when the cell ends, as pyplot's would.
+In a Jupyter notebook every figure nanofit makes shows once, as a PNG, with no magic command:
+when the cell ends (as pyplot's inline backend does, so a figure changed later in the cell
+shows changed), or earlier as the cell's value or through `display(fig)`, and then not again.
 """
 from __future__ import annotations
 
@@ -21,14 +22,55 @@ if TYPE_CHECKING:
 
 __all__ = ["new_figure", "in_notebook", "show_or_save", "smooth_ema", "plot_loss", "plot_history",
            "plot_lr_find", "plot_sched", "save_figure", "show_image", "subplots", "get_grid",
-           "grid_shape", "as_image_array", "show_when_cell_ends"]
+           "grid_shape", "as_image_array", "show_when_cell_ends", "figure_png", "say_saved"]
 
 
-def new_figure(**kwargs: Any) -> Figure:
-    """A matplotlib Figure not attached to pyplot (`kwargs` go to Figure, e.g. figsize)."""
-    from matplotlib.figure import Figure
+def new_figure(*, show: bool = True, **kwargs: Any) -> Figure:
+    """A matplotlib Figure not attached to pyplot (`kwargs` go to Figure, e.g. figsize).
 
-    return Figure(**kwargs)
+    In a Jupyter notebook it shows as a PNG when the cell ends, or earlier as the cell's value
+    or with `display(fig)`, once either way (`show=False`: only when displayed). Elsewhere it
+    is a plain Figure: `fig.savefig(path)`.
+    """
+    fig = _inline_figure_class()(**kwargs)
+    if show:
+        show_when_cell_ends(fig)
+    return fig
+
+
+_InlineFigure: type | None = None  # made when the first figure is: it needs matplotlib
+
+
+def _inline_figure_class() -> type:
+    """`InlineFigure`: a matplotlib Figure that Jupyter shows as a PNG through `_repr_png_`,
+    so a figure returned as the cell's value is an image without `%matplotlib inline`."""
+    global _InlineFigure
+    if _InlineFigure is None:
+        from matplotlib.figure import Figure
+
+        class InlineFigure(Figure):
+            """A matplotlib Figure that shows as a PNG in Jupyter (see `new_figure`)."""
+
+            def _repr_png_(self) -> bytes:
+                _forget(self)  # displayed now (the cell's value, or display()): not again
+                return figure_png(self)
+
+        InlineFigure.__module__, InlineFigure.__qualname__ = __name__, "InlineFigure"
+        _InlineFigure = InlineFigure
+    return _InlineFigure
+
+
+def __getattr__(name: str) -> Any:
+    if name == "InlineFigure":  # what pickle looks up to rebuild a saved figure
+        return _inline_figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def figure_png(fig: Figure) -> bytes:
+    """`fig` as PNG bytes, as it is shown in a notebook and saved by `save_figure`."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
 
 
 def in_notebook() -> bool:
@@ -42,14 +84,24 @@ def in_notebook() -> bool:
                                      for c in type(shell).__mro__)
 
 
-def show_or_save(fig: Figure, path: str | Path) -> Figure:
-    """Display `fig` in a notebook; elsewhere save it to `path`."""
+def show_or_save(fig: Figure, path: str | Path | None, default: str | Path | None = None) -> Figure:
+    """Show `fig` in a notebook (when the cell ends); elsewhere save it to `path`, and when
+    `path` is the caller's `default` (the user chose none) say on stderr where it went. In a
+    notebook a `path` other than the default is saved too."""
     if in_notebook():
-        from IPython.display import display
-
-        display(fig)
+        show_when_cell_ends(fig)
+        if path is not None and str(path) != str(default):
+            save_figure(fig, path)
         return fig
-    return save_figure(fig, path)
+    save_figure(fig, path)
+    if path is not None and str(path) == str(default):
+        say_saved(path)
+    return fig
+
+
+def say_saved(path: str | Path, what: str = "plot") -> None:
+    """One line on stderr naming a file written where the user did not ask for one."""
+    print(f"nanofit: saved the {what} to {Path(path).resolve()}", file=sys.stderr, flush=True)
 
 
 def smooth_ema(values: Sequence[float], beta: float | None = None) -> list[float]:
@@ -77,12 +129,14 @@ def save_figure(fig: Figure, path: str | Path | None) -> Figure:
 
 
 def plot_loss(train_losses: Sequence[float], valid_losses: Sequence[tuple[int, float]] = (),
-              smooth: float | None = None, path: str | Path | None = None) -> Figure:
+              smooth: float | None = None, path: str | Path | None = None,
+              show: bool = True) -> Figure:
     """Plot training loss per batch (raw and smoothed) and validation loss at epoch ends.
 
-    `valid_losses` holds `(batches_seen, loss)` pairs. Returns the Figure; saves it to `path`.
+    `valid_losses` holds `(batches_seen, loss)` pairs. Returns the Figure; saves it to `path`;
+    in a notebook it shows once (`show=False`: only when displayed, see `new_figure`).
     """
-    fig = new_figure(figsize=(6, 4))
+    fig = new_figure(figsize=(6, 4), show=show)
     ax = fig.add_subplot()
     if train_losses:
         steps = range(1, len(train_losses) + 1)
@@ -98,9 +152,10 @@ def plot_loss(train_losses: Sequence[float], valid_losses: Sequence[tuple[int, f
     return save_figure(fig, path)
 
 
-def plot_history(history: Sequence[dict], path: str | Path | None = None) -> Figure:
-    """Training and validation loss per epoch from MetricsCB records."""
-    fig = new_figure(figsize=(6, 4))
+def plot_history(history: Sequence[dict], path: str | Path | None = None,
+                 show: bool = True) -> Figure:
+    """Training and validation loss per epoch from MetricsCB records (`show` as in plot_loss)."""
+    fig = new_figure(figsize=(6, 4), show=show)
     ax = fig.add_subplot()
     for phase, label, color in (("train", "train", "tab:blue"), ("eval", "valid", "tab:orange")):
         points = [(r["epoch"], r["loss"]) for r in history if r["train"] == phase]
@@ -116,44 +171,82 @@ def plot_history(history: Sequence[dict], path: str | Path | None = None) -> Fig
 
 def plot_lr_find(lrs: Sequence[float], losses: Sequence[float],
                  suggestions: dict[str, float] | None = None,
-                 path: str | Path | None = None) -> Figure:
-    """Loss against learning rate on a log axis, with suggested rates marked."""
-    fig = new_figure(figsize=(6, 4))
+                 path: str | Path | None = None, show: bool = True) -> Figure:
+    """Loss against learning rate on a log axis, with suggested rates marked.
+
+    The divergent tail is clipped, so the useful part fills the plot instead of a spike to
+    1e6 or inf: the loss axis stops at the loss the curve started from (the highest before
+    its lowest point, and at least 10% above the lowest), the points past where the curve
+    last rose above that are left out, and those that are not finite too.
+    """
+    fig = new_figure(figsize=(6, 4), show=show)
     ax = fig.add_subplot()
+    lrs, losses, ylim = _lr_find_view(lrs, losses)
     ax.plot(lrs, losses, color="tab:blue")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss (smoothed)")
     colors = ("tab:red", "tab:green", "tab:purple")
     for (name, lr), color in zip((suggestions or {}).items(), colors):
+        if not lrs:
+            break
         i = min(range(len(lrs)), key=lambda j: abs(math.log(lrs[j] / lr)))
         ax.plot([lr], [losses[i]], "o", color=color, label=f"{name}: {lr:.2e}")
-    if suggestions:
+    if suggestions and lrs:
         ax.legend()
     return save_figure(fig, path)
 
 
-def plot_sched(values: Mapping[str, Sequence[float]], path: str | Path | None = None) -> Figure:
-    """One panel per hyper-parameter, its value at every training batch."""
-    names = list(values)
-    fig = new_figure(figsize=(4 * max(len(names), 1), 3))
-    for i, name in enumerate(names, start=1):
-        ax = fig.add_subplot(1, max(len(names), 1), i)
+def _lr_find_view(lrs: Sequence[float], losses: Sequence[float]
+                  ) -> tuple[list[float], list[float], tuple[float, float] | None]:
+    """The points of an lr_find curve worth drawing, and the loss axis's limits (see
+    plot_lr_find)."""
+    points = [(lr, loss) for lr, loss in zip(lrs, losses) if math.isfinite(loss)]
+    if not points:
+        return [], [], None
+    low = min(range(len(points)), key=lambda i: points[i][1])
+    bottom = points[low][1]
+    top = max(max(loss for _, loss in points[: low + 1]), bottom + 0.1 * abs(bottom))
+    end = len(points)
+    while end > low + 2 and points[end - 2][1] > top:  # keep one point going off the top
+        end -= 1
+    margin = 0.05 * (top - bottom)
+    ylim = (bottom - margin, top + margin) if top > bottom else None
+    return [lr for lr, _ in points[:end]], [loss for _, loss in points[:end]], ylim
+
+
+def plot_sched(values: Mapping[str, Sequence[float]], path: str | Path | None = None,
+               show: bool = True) -> Figure:
+    """One panel per hyper-parameter that changes, its value at every training batch; the
+    ones that never change are named with their value in the title instead (when none
+    changes, the first still gets its panel)."""
+    changing = [n for n, vs in values.items() if len(set(vs)) > 1]
+    if not changing and values:
+        changing = [next(iter(values))]
+    constant = {n: vs[0] for n, vs in values.items() if n not in changing and len(vs)}
+    fig = new_figure(figsize=(4 * max(len(changing), 1), 3), show=show)
+    for i, name in enumerate(changing, start=1):
+        ax = fig.add_subplot(1, max(len(changing), 1), i)
         ax.plot(range(1, len(values[name]) + 1), values[name])
         ax.set_xlabel("training batches")
         ax.set_ylabel(name)
+    if constant:
+        fig.suptitle("constant: " + ", ".join(f"{n} {v:g}" for n, v in constant.items()),
+                     fontsize="medium")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-# ---- the course's image helpers -----------------------------------------------------------------
+# ---- showing figures in a notebook -------------------------------------------------------------
 _pending: list[Figure] = []  # figures to show when the notebook cell ends
 
 
 def show_when_cell_ends(fig: Figure) -> Figure:
-    """In a Jupyter notebook, show `fig` when the running cell ends (as pyplot's inline
-    backend does), unless the cell's value is that figure and Jupyter shows it anyway;
-    elsewhere do nothing. Returns `fig`."""
+    """In a Jupyter notebook, show `fig` once when the running cell ends (as pyplot's inline
+    backend does), unless it was shown before that: as the cell's value or by `display`;
+    elsewhere do nothing. Returns `fig`. Every figure from `new_figure` goes through here."""
     if not in_notebook():
         return fig
     from IPython import get_ipython
@@ -161,31 +254,53 @@ def show_when_cell_ends(fig: Figure) -> Figure:
     shell = get_ipython()
     if _show_pending not in shell.events.callbacks["post_run_cell"]:
         shell.events.register("post_run_cell", _show_pending)
+        # nanofit's figures go through _png_for_jupyter even after `%matplotlib inline`
+        # registers its formatter for all Figures, so `display(fig)` also counts as shown
+        png = shell.display_formatter.formatters["image/png"]
+        png.for_type(_inline_figure_class(), _png_for_jupyter)
     if not any(f is fig for f in _pending):
         _pending.append(fig)
     return fig
 
 
+def _forget(fig: Figure) -> None:
+    """`fig` was shown: take it off the list of figures to show when the cell ends."""
+    _pending[:] = [f for f in _pending if f is not fig]
+
+
+def _png_for_jupyter(fig: Figure) -> Any:
+    """Jupyter's PNG of a nanofit figure: `%matplotlib inline`'s (with its settings) when it
+    is on, else `figure_png`'s. The figure is shown now: not again when the cell ends."""
+    from IPython import get_ipython
+    from matplotlib.figure import Figure
+
+    _forget(fig)
+    try:
+        inline = get_ipython().display_formatter.formatters["image/png"].lookup_by_type(Figure)
+    except KeyError:
+        return figure_png(fig)
+    return inline(fig)
+
+
 def _show_pending(result: Any = None) -> None:
     from IPython import get_ipython
-    from IPython.display import Image, display
+    from IPython.display import display
 
     figs = list(_pending)
     _pending.clear()
     value = getattr(result, "result", None)
     png = get_ipython().display_formatter.formatters["image/png"]
     for fig in figs:
-        if fig is value:
-            try:
-                png.lookup(fig)  # Jupyter draws the cell's value itself: don't show it twice
+        if fig is value and not isinstance(fig, _inline_figure_class()):
+            try:  # a matplotlib Figure as the cell's value: shown if `%matplotlib inline` is on
+                png.lookup(fig)
                 continue
             except KeyError:
                 pass
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", bbox_inches="tight")
-        display(Image(data=buf.getvalue()))
+        display({"image/png": figure_png(fig), "text/plain": repr(fig)}, raw=True)
 
 
+# ---- the course's image helpers -----------------------------------------------------------------
 def as_image_array(im: Any) -> np.ndarray:
     """A numpy array matplotlib can show, from a tensor (channels first: CHW, or HW), a numpy
     array (HWC or HW) or a PIL image; a single channel is dropped (HW)."""
@@ -212,9 +327,8 @@ def show_image(im: Any, ax: Axes | None = None, figsize: tuple[float, float] | N
     """
     im = as_image_array(im)
     if ax is None:
-        fig = new_figure(figsize=figsize)
+        fig = new_figure(figsize=figsize)  # shows when the cell ends, in a notebook
         ax = fig.add_subplot()
-        show_when_cell_ends(fig)
     ax.imshow(im, **kwargs)
     if title is not None:
         ax.set_title(title)
@@ -243,13 +357,12 @@ def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None
     if figsize is None:
         figsize = (ncols * imsize, nrows * imsize)
     grid = {k: kwargs.pop(k) for k in _GRID_ARGS if k in kwargs}
-    fig = new_figure(figsize=figsize, **kwargs)
+    fig = new_figure(figsize=figsize, **kwargs)  # shows when the cell ends, in a notebook
     axs = fig.subplots(nrows, ncols, **grid)
     if not isinstance(axs, np.ndarray):
         axs = np.array([axs])
     if suptitle is not None:
         fig.suptitle(suptitle)
-    show_when_cell_ends(fig)
     return fig, axs
 
 

@@ -65,14 +65,30 @@ def test_plot_writes_a_png_after_every_epoch(tmp_path, with_recorder):
     assert path.read_bytes() != first  # redrawn with the new epochs
 
 
-def test_rows_without_metrics_and_with_a_stale_metrics_cb():
-    learn = Learner(make_model(), make_dls(), F.cross_entropy)
-    learn.fit(1, cbs=[MetricsCB()])  # leaves learn.metrics behind
-    out = io.StringIO()
-    learn.fit(2, cbs=[ProgressCB(file=out)])
-    lines = out.getvalue().splitlines()
-    assert [line.split()[:1] for line in lines] == [["epoch"], ["0"], ["1"]]
-    assert "loss" not in lines[0]
+def test_without_metrics_cb_the_rows_show_the_losses_it_summed_itself():
+    # uneven last batches (42 = 5 x 8 + 2, 20 = 8 + 8 + 4): the mean is weighted by batch size
+    def fit(*cbs):
+        learn = Learner(make_model(), make_dls(n_train=42), F.cross_entropy)
+        learn.fit(1, cbs=[MetricsCB()])  # leaves learn.metrics behind: the next fit clears it
+        out = io.StringIO()
+        learn.fit(2, cbs=[*cbs, ProgressCB(file=out)])
+        return [line.split()[:-1] for line in out.getvalue().splitlines()]  # without the time
+
+    alone, with_metrics = fit(), fit(MetricsCB())
+    assert alone[0] == ["epoch", "train_loss", "valid_loss"]
+    assert len(alone) == 3
+    assert alone == with_metrics  # the same numbers as MetricsCB's
+
+
+def test_without_metrics_cb_the_loss_is_read_once_per_phase(monkeypatch):
+    import torch
+
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or item(t))
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[ProgressCB(file=io.StringIO())])
+    learn.fit(3)  # 5 training and 3 validation batches an epoch
+    assert len(reads) == 6
 
 
 def test_header_grows_when_a_later_epoch_has_more_columns():
@@ -129,3 +145,83 @@ def test_metricscb_as_the_course_subclasses_it():
     learn.metrics._log = seen.append  # the course's ProgressCB replaces it on the instance
     learn.fit(1)
     assert len(seen) == 2
+
+
+def test_default_plot_path_is_named_on_stderr_once_per_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    learn = Learner(make_model(), make_dls(), F.cross_entropy)
+    learn.fit(2, cbs=[ProgressCB(plot=True, file=io.StringIO())])  # writes after each epoch
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "loss.png") in err
+    chosen = tmp_path / "chosen.png"
+    learn.fit(1, cbs=[ProgressCB(plot=True, plot_path=str(chosen), file=io.StringIO())])
+    assert chosen.exists() and capsys.readouterr().err == ""  # a path the user chose: no note
+
+
+class FakeDisplay:
+    """IPython.display.display with display_id=True, recording what a notebook would get."""
+
+    def __init__(self):
+        self.outputs = []  # one entry per output; updates replace it
+
+    def __call__(self, obj, display_id=None):
+        assert display_id is True
+        index = len(self.outputs)
+        self.outputs.append(self.bundle(obj))
+        fake = self
+
+        class Handle:
+            def update(self, new):
+                fake.outputs[index] = fake.bundle(new)
+                fake.updates += 1
+        return Handle()
+
+    updates = 0
+
+    @staticmethod
+    def bundle(obj):
+        html = getattr(obj, "_repr_html_", None)
+        return {"text/html": html() if html else None, "text/plain": repr(obj),
+                "image/png": getattr(obj, "data", None) if type(obj).__name__ == "Image" else None}
+
+
+@pytest.mark.parametrize("plot", [False, True])
+def test_in_a_notebook_a_fit_is_one_output_updated_in_place(monkeypatch, capsys, plot):
+    pytest.importorskip("IPython")
+    import IPython.display
+
+    from nanofit.callbacks import progress
+
+    fake = FakeDisplay()
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", fake)
+    cbs = [ProgressCB(plot=plot, refresh=0)]  # refresh=0: redraw at every change
+    learn = Learner(make_model(), make_dls(n_train=200), F.cross_entropy, cbs=cbs)
+    learn.fit(3)  # 25 training + 3 validation batches an epoch
+    assert capsys.readouterr().out == ""  # nothing printed: no flood of lines
+    assert len(fake.outputs) == (2 if plot else 1)  # the bars and table (and the live plot)
+    assert fake.updates > 3 * 28  # updated in place, batch by batch
+    html, text = fake.outputs[0]["text/html"], fake.outputs[0]["text/plain"]
+    assert "<table" in html and "train_loss" in html and "valid_loss" in html
+    assert html.count("<tr>") == 3 and "epochs 3/3" in html  # one row per epoch; the bar
+    assert "train " not in text and text.splitlines()[1].split() == [
+        "epoch", "train_loss", "valid_loss", "time"]  # the phase bars are gone at the end
+    if plot:
+        assert fake.outputs[1]["image/png"][:4] == b"\x89PNG"
+
+
+def test_in_a_notebook_redraws_at_most_every_refresh_seconds(monkeypatch):
+    pytest.importorskip("IPython")
+    import IPython.display
+
+    from nanofit.callbacks import progress
+
+    fake = FakeDisplay()
+    monkeypatch.setattr(progress, "in_notebook", lambda: True)
+    monkeypatch.setattr(IPython.display, "display", fake)
+    learn = Learner(make_model(), make_dls(n_train=400), F.cross_entropy,
+                    cbs=[ProgressCB(refresh=60)])
+    learn.fit(3)
+    assert len(fake.outputs) == 1 and fake.updates == 1  # only the final state, at the end
+    assert fake.outputs[0]["text/html"].count("<tr>") == 3

@@ -250,6 +250,8 @@ class ActivationStats(HooksCallback):
             ax_std.plot(std.numpy(), label=name)
         ax_mean.set_title("activation means")
         ax_std.set_title("activation stds")
+        ax_mean.set_ylabel("mean")
+        ax_std.set_ylabel("standard deviation")
         for ax in (ax_mean, ax_std):
             ax.set_xlabel(f"recorded training batches (every {self.every})")
         ax_std.legend(fontsize="small")
@@ -278,6 +280,8 @@ class ActivationStats(HooksCallback):
             ax.imshow(hist.log1p().numpy(), origin="lower", aspect="auto", cmap="viridis",
                       extent=(0, hist.shape[1], *self.hist_range))
             ax.set_title(name, fontsize="small")
+        fig.supxlabel(f"recorded training batches (every {self.every})")
+        fig.supylabel("|activation| (colour: log of the count)")
         fig.tight_layout()
         return save_figure(fig, path)
 
@@ -290,6 +294,8 @@ class ActivationStats(HooksCallback):
             ax.plot(frac.numpy())
             ax.set_ylim(0, 1)
             ax.set_title(name, fontsize="small")
+        fig.supxlabel(f"recorded training batches (every {self.every})")
+        fig.supylabel("fraction near zero (lowest bin)")
         fig.tight_layout()
         return save_figure(fig, path)
 

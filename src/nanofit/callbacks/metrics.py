@@ -369,12 +369,16 @@ class Recorder(Callback):
             self.hps.setdefault(name, [])[:] = values
         self._pending = []
 
-    def plot_loss(self, path: str | Path | None = None, smooth: float | None = None):
-        """Training loss per batch (raw and smoothed) and validation loss per epoch; a Figure."""
+    def plot_loss(self, path: str | Path | None = None, smooth: float | None = None,
+                  show: bool = True):
+        """Training loss per batch (raw and smoothed) and validation loss per epoch; a Figure,
+        saved to `path` if given. In a notebook it shows once, inline (`show=False`: only if
+        displayed)."""
         self._sync()
-        return plot_loss(self.losses, self.valid_losses, smooth=smooth, path=path)
+        return plot_loss(self.losses, self.valid_losses, smooth=smooth, path=path, show=show)
 
     def plot_sched(self, path: str | Path | None = None):
-        """Each recorded hyper-parameter per training batch; a Figure."""
+        """Each recorded hyper-parameter that changes, per training batch (the constant ones
+        are named in the title); a Figure, saved to `path` if given, shown once in a notebook."""
         values = {k: [float(v) for v in vs] for k, vs in self.hps.items()}
         return plot_sched(values, path=path)
