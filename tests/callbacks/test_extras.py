@@ -238,3 +238,107 @@ def test_mixed_precision_takes_the_course_n_inp():
     learn.n_inp = 5
     learn.fit(1)
     assert learn.n_inp == 1
+
+
+# ---- bf16: a step whose gradients are not finite is skipped, counted and reported ----------------
+class PoisonGrad(Callback):
+    """Writes inf into one gradient at after_backward of training batch `at` (before clipping),
+    and records whether each batch's step changed the weights (and momentum)."""
+
+    order = 15  # after MixedPrecision and GradAccumCB, before GradClipCB (20)
+
+    def __init__(self, at):
+        self.at, self.moved, self.before = at, {}, None
+
+    def after_backward(self, learn):
+        if learn.accumulating:
+            return
+        self.before = [p.detach().clone() for p in learn.model.parameters()]
+        self.state = {k: v.clone() for s in learn.opt.state.values() for k, v in s.items()
+                      if isinstance(v, torch.Tensor)}
+        if learn.iter == self.at and learn.epoch == 0:
+            next(learn.model.parameters()).grad[0, 0] = float("inf")
+
+    def after_step(self, learn):
+        if learn.accumulating:
+            return
+        after = list(learn.model.parameters())
+        assert all(torch.isfinite(p).all() for p in after), "a non-finite step reached the weights"
+        state = {k: v for s in learn.opt.state.values() for k, v in s.items()
+                 if isinstance(v, torch.Tensor)}
+        self.moved[(learn.epoch, learn.iter)] = (
+            not all(torch.equal(a, b) for a, b in zip(self.before, after)),
+            not all(torch.equal(self.state[k], state[k]) for k in self.state))
+
+
+def poisoned_fit(extra, opt_func=None, sync_free=None, at=2):
+    mp = MixedPrecision()
+    mp._sync_free = sync_free  # False: the accelerator's path (no host read per step), on CPU
+    poison = PoisonGrad(at)
+    opt = opt_func or (lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
+    learn = Learner(make_model(), make_dls(n_train=40), F.cross_entropy, lr=0.1,
+                    opt_func=opt, cbs=[mp, poison, *extra])
+    with pytest.warns(UserWarning, match=r"MixedPrecision: 1 of (\d+) optimizer step\(s\) in "
+                                         r"epoch 0 were skipped .*not finite") as caught:
+        learn.fit(2)
+    return learn, mp, poison, caught
+
+
+@pytest.mark.parametrize("extra", [[], [GradClipCB(1.0)], [GradAccumCB(16), GradClipCB(1.0)]],
+                         ids=["plain", "clip", "accum+clip"])
+def test_bf16_skips_exactly_the_step_with_non_finite_gradients(extra):
+    accumulating = bool(extra) and isinstance(extra[0], GradAccumCB)
+    at = 3 if accumulating else 2  # GradAccumCB(16) steps after batches 1, 3 and 4 (of 8)
+    learn, mp, poison, caught = poisoned_fit(extra, at=at)
+    steps = len(poison.moved)
+    assert steps == (2 * 3 if accumulating else 2 * 5)
+    skipped = [k for k, (weights, momentum) in poison.moved.items() if not weights]
+    assert skipped == [(0, at)]  # that step only: its weights and momentum are as they were
+    assert poison.moved[(0, at)] == (False, False)
+    first = min(poison.moved)  # its step creates the momentum, so nothing to compare before it
+    assert all(w and (m or k == first) for k, (w, m) in poison.moved.items() if k != (0, at))
+    assert mp.skipped == 1 and learn.grad_scaler is None
+    per_epoch = [w for w in caught if "MixedPrecision" in str(w.message)]
+    assert len(per_epoch) == 1 and f"1 of {steps // 2} optimizer" in str(per_epoch[0].message)
+    assert not [w for w in caught if "fp16 overflow" in str(w.message)]  # GradAccumCB is quiet
+    assert mp.state_dict()["skipped"] == 1
+
+
+def test_bf16_skip_without_a_host_read_fused_is_exact_others_are_masked():
+    """The accelerator's path, run on CPU: a fused optimizer gets GradScaler's found_inf and
+    skips exactly; another steps with zeroed gradients (plain SGD: no change either)."""
+    from functools import partial
+
+    fused = partial(torch.optim.Adam, fused=True)
+    _, mp, poison, caught = poisoned_fit([GradClipCB(1.0)], opt_func=fused, sync_free=False)
+    assert poison.moved[(0, 2)] == (False, False) and mp.skipped == 1
+    assert all(w for k, (w, _) in poison.moved.items() if k != (0, 2))
+    assert not mp.guard and "zero gradients" not in str(caught[0].message)
+    _, mp, poison, caught = poisoned_fit([], opt_func=torch.optim.SGD, sync_free=False)
+    assert poison.moved[(0, 2)][0] is False and mp.skipped == 1
+    assert "ran with zero gradients; fused=True skips them exactly" in str(caught[0].message)
+
+
+def test_bf16_simple_cnn_on_digits_with_clipping_trains():
+    """torch's CPU bf16 convolution backward sometimes returns inf/NaN gradients for 1x1
+    feature maps (simple_cnn's last conv on 8x8 digits); GradClipCB then spread them to every
+    parameter and the run was NaN from epoch 0, silently. Now those steps are skipped."""
+    import math
+    import warnings
+
+    from nanofit.cli import digits_dls
+    from nanofit.models import simple_cnn
+
+    torch.manual_seed(1)
+    mp = MixedPrecision()
+    learn = Learner(simple_cnn(), digits_dls(64, 0), F.cross_entropy, lr=0.1,
+                    cbs=[mp, GradClipCB(1.0), MetricsCB()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        learn.fit(4)
+    valid = [r["loss"] for r in learn.metrics.history if r["train"] == "eval"]
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+    assert math.isfinite(valid[-1]) and valid[-1] < 1.8, valid
+    reported = sum(int(str(w.message).split()[1]) for w in caught
+                   if str(w.message).startswith("MixedPrecision:"))
+    assert reported == mp.skipped  # every skipped step was reported

@@ -21,8 +21,17 @@ from nanofit import (
     TensorLoader,
     sched_no,
 )
-from nanofit.callbacks.lr_find import suggest_minimum, suggest_steep, suggest_valley
+from nanofit.callbacks.lr_find import (
+    descent_problem,
+    suggest_minimum,
+    suggest_steep,
+    suggest_valley,
+)
 from tests.helpers import BatchCounter
+
+# Most learners here train on random labels, whose curves have no clear descent: that warning
+# is tested on its own below.
+pytestmark = pytest.mark.filterwarnings("ignore:lr_find. no clear descent:UserWarning")
 
 
 def bn_dropout_model(seed=0):
@@ -138,9 +147,9 @@ def test_lr_find_returns_suggestions_and_saves_the_plot(tmp_path):
     path = tmp_path / "lr_find.png"
     s = learn.lr_find(num_it=40, suggest=("valley", "minimum", "steep"), plot_path=str(path))
     finder = learn.lr_finder
-    assert s.minimum == pytest.approx(finder.lrs[finder.losses.index(min(finder.losses))] / 10)
-    assert finder.lrs[0] <= s.valley <= finder.lrs[-1]
-    assert finder.lrs[0] <= s.steep <= finder.lrs[-1]
+    head_end = finder.lrs[math.ceil(0.05 * len(finder.lrs))]  # the first 5% are never suggested
+    for lr in s:
+        assert head_end <= lr <= finder.lrs[-1]
     assert path.read_bytes()[:4] == b"\x89PNG"
     only = learn.lr_find(num_it=10, plot=False)  # only what was asked, as plain floats
     assert only._fields == ("valley",) and not hasattr(only, "minimum")
@@ -288,3 +297,148 @@ def test_the_course_lr_find_signature():
         learn.lr_find(gamma=1.3, end_lr=1.0, plot=False)
     with pytest.raises(ValueError, match="max_mult"):
         learn.lr_find(max_mult=1, plot=False)
+
+
+# ---- suggestions you can trust: never the head of the sweep, a warning without a descent -------
+SWEEP = [10 ** (-7 + 8 * i / 99) for i in range(100)]  # 1e-7 .. 10, as lr_find's default
+HEAD_END = SWEEP[5]  # the first 5% (5 of 100 points) are never suggested
+
+
+def curve(level, noise=0.0, rise_from=-0.5):
+    """`level(log10 lr)` plus deterministic noise, rising steeply past 10**rise_from."""
+    out = []
+    for i, lr in enumerate(SWEEP):
+        x = math.log10(lr)
+        out.append(level(x) + noise * math.sin(7.3 * i) + max(0.0, x - rise_from) * 3)
+    return out
+
+
+def suggestions(losses):
+    return {f.__name__: f(SWEEP, losses) for f in (suggest_valley, suggest_minimum, suggest_steep)}
+
+
+def suggest_through_the_finder(losses, **kw):
+    from nanofit import LRFinderCB
+
+    finder = LRFinderCB()
+    finder.lrs, finder.losses = list(SWEEP), list(losses)
+    return finder.suggest(("valley", "minimum", "steep"))
+
+
+def descent(x):  # flat at 2.0 until 1e-4, down to 0.8 at 1e-1 (smoothly, on the log axis)
+    if x < -4:
+        return 2.0
+    return 2.0 - 1.2 * (1 - math.cos(math.pi * min(x + 4, 3) / 3)) / 2
+
+
+@pytest.mark.parametrize("name,losses", [
+    ("flat", curve(lambda x: 2.0)),
+    ("noisy plateau", curve(lambda x: 0.12, noise=0.01)),
+    # a trained model's curve: a lucky first batch makes the start the lowest loss of all
+    ("noisy plateau, lucky start", [0.05, 0.07, 0.09] + curve(lambda x: 0.12, noise=0.01)[3:]),
+    ("only rising", [1.0 + 0.02 * i for i in range(100)]),
+])
+def test_no_clear_descent_warns_and_never_suggests_the_start(name, losses):
+    assert descent_problem(SWEEP, losses) is not None
+    for rule, lr in suggestions(losses).items():
+        assert HEAD_END <= lr <= SWEEP[-1], (name, rule, lr)
+    with pytest.warns(UserWarning, match="no clear descent.*more iterations.*smaller start_lr"
+                                         ".*check the data and the loss"):
+        res = suggest_through_the_finder(losses)
+    if name == "only rising":
+        assert "lowest at the start of the sweep" in descent_problem(SWEEP, losses)
+        assert res.valley < 1e-5  # low, but past the head: the warning says to start lower
+    else:  # flat up to 10**-0.5, then rising: a tenth of where it starts to rise
+        assert 10**-2 <= res.valley <= 10**-1.2, (name, res.valley)
+        assert 10**-2 <= suggest_valley(SWEEP, losses) <= 10**-1.2, name
+    for lr in res:
+        assert HEAD_END <= lr <= SWEEP[-1], (name, res)
+
+
+def test_the_old_rule_suggested_the_start_on_a_noisy_plateau():
+    """What the fix is for: the lowest smoothed loss was the first batch's, so `valley` was
+    start_lr and `minimum` a tenth of it, below the sweep; fit_one_cycle then trained nothing."""
+    losses = [0.05, 0.07, 0.09] + curve(lambda x: 0.12, noise=0.01)[3:]
+    assert min(range(100), key=losses.__getitem__) == 0  # the old rules' anchor
+    s = suggestions(losses)
+    assert s["suggest_valley"] > 1e-3 and s["suggest_minimum"] >= HEAD_END
+
+
+def linear_descent(x):  # flat at 2.0 until 1e-4, then down 0.3 a decade, never turning up
+    return 2.0 if x < -4 else 2.0 - 0.3 * (x + 4)
+
+
+@pytest.mark.parametrize("name,losses,valley,steep", [
+    ("descent", curve(descent), (-3.6, -1.4), (-3.0, -2.0)),
+    ("noisy descent", curve(descent, noise=0.02), (-3.6, -1.4), (-3.3, -1.7)),
+    # within the first 5%: a dip deeper than the real minimum (one lucky batch), ignored
+    ("early dip", [0.3, 0.5, 0.7, 0.9] + curve(descent)[4:], (-3.6, -1.4), (-3.0, -2.0)),
+    # the sweep ended before the loss turned up: a descent all the way to end_lr
+    ("monotone descent", curve(linear_descent, rise_from=2), (-2.0, -0.5), (-4.1, 0.0)),
+])
+def test_a_clear_descent_gives_a_valley_inside_it_and_no_warning(name, losses, valley, steep):
+    import warnings
+
+    assert descent_problem(SWEEP, losses) is None, name
+    s = suggestions(losses)
+    assert valley[0] < math.log10(s["suggest_valley"]) < valley[1], (name, s)
+    assert steep[0] < math.log10(s["suggest_steep"]) < steep[1], (name, s)
+    assert HEAD_END <= s["suggest_minimum"] <= SWEEP[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = suggest_through_the_finder(losses)
+    assert res.valley == pytest.approx(s["suggest_valley"])  # nothing cut as "divergent"
+
+
+def test_a_descent_within_the_batch_noise_is_no_descent():
+    """A trained model's curve: the loss wanders 20-25% on its own (losses near zero, heavy
+    tailed); the batch-to-batch noise of the raw losses tells it from a descent."""
+    losses = curve(lambda x: 0.0021 - 0.0006 * math.exp(-(((x + 5.5) / 0.5) ** 2)))
+    assert descent_problem(SWEEP, losses) is None  # 28% below the plateau: a descent by size
+    assert math.log10(suggest_valley(SWEEP, losses)) < -5  # ...that would suggest ~1e-6
+    with pytest.warns(UserWarning, match="no more than the loss's batch-to-batch noise"):
+        from nanofit import LRFinderCB
+
+        finder = LRFinderCB()
+        finder.lrs, finder.losses = list(SWEEP), list(losses)
+        finder.raw_losses = [0.002 + 0.001 * math.sin(2.1 * i) for i in range(100)]
+        res = finder.suggest(("valley",))
+    assert res.valley > 1e-2
+    assert descent_problem(SWEEP, curve(descent), noise=0.1) is None  # a real one stays one
+
+
+def test_minimum_is_never_below_the_sweep():
+    # the lowest loss just past the head: a tenth of its lr would lie below start_lr
+    losses = [2.0] * 5 + [1.0] + [1.5 + 0.01 * i for i in range(94)]
+    short = SWEEP[:1] + [lr * 1e5 for lr in SWEEP[:99]]  # any sweep: the clamp is to its head
+    assert suggest_minimum(SWEEP, losses) == pytest.approx(max(SWEEP[5] / 10, SWEEP[5]))
+    assert suggest_minimum(short, losses) >= short[5]
+
+
+def test_lr_find_warns_when_the_model_cannot_learn(tmp_path):
+    """Random labels: nothing to learn, so no descent; lr_find says so and what to try."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1024, 8, generator=g), torch.randint(0, 4, (1024,), generator=g)
+    dls = DataLoaders(TensorLoader((x, y), 32, shuffle=True, generator=g),
+                      TensorLoader((x[:64], y[:64]), 64))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    learn = Learner(model, dls, F.cross_entropy, opt_func=partial(torch.optim.SGD, momentum=0.9))
+    with pytest.warns(UserWarning, match="no clear descent.*check the data and the loss"):
+        s = learn.lr_find(plot=False)
+    lrs = learn.lr_finder.lrs
+    assert lrs[math.ceil(0.05 * len(lrs))] <= s.valley <= lrs[-1]
+
+
+def test_lr_find_on_real_data_does_not_warn():
+    import warnings
+
+    from nanofit.cli import demo_model, digits_dls
+
+    torch.manual_seed(0)
+    learn = Learner(demo_model(), digits_dls(64, 0), F.cross_entropy,
+                    opt_func=partial(torch.optim.SGD, momentum=0.9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = learn.lr_find(plot=False)
+    assert 1e-2 <= s.valley <= 1e-1  # where fit_one_cycle trains the demo to ~97%

@@ -32,7 +32,8 @@ class GradAccumCB(Callback):
     clipped like the others. (A loader without a length cannot say which batch is its last:
     its leftover group steps after the epoch, without `after_backward`, so unclipped.)
     Pick `n_acc` as a multiple of the batch size; with batchnorm the statistics still see
-    the small batches. With MixedPrecision (fp16) it uses `learn.grad_scaler`; while it
+    the small batches. With MixedPrecision it steps through `learn.grad_scaler` (fp16: the
+    GradScaler; bf16: the check that skips steps with inf/NaN gradients); while it
     accumulates, `learn.accumulating` is True (GradClipCB then waits for the step).
     """
 
@@ -64,7 +65,7 @@ class GradAccumCB(Callback):
     def backward(self, learn: Learner) -> None:
         n = len(learn.batch[learn.n_inp])
         loss = learn.loss * (n / self.n_acc)
-        scaler = learn.grad_scaler  # set by MixedPrecision with fp16
+        scaler = learn.grad_scaler  # set by MixedPrecision (fp16: scales the loss; bf16: 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         self.count += n
         self._stepped = False
@@ -93,8 +94,9 @@ class GradAccumCB(Callback):
             _opt(learn).step()
         elif not self._amp.step():  # skipped by the scaler: no host sync to find out
             self.skipped += 1
-            warnings.warn("GradAccumCB: an optimizer step was skipped because of inf/NaN "
-                          "gradients (fp16 overflow)")
+            if self._amp.scaler.is_enabled():  # else MixedPrecision's bf16 check reports it
+                warnings.warn("GradAccumCB: an optimizer step was skipped because of inf/NaN "
+                              "gradients (fp16 overflow)")
         self.count, self._stepped = 0, True
 
     def zero_grad(self, learn: Learner) -> None:

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import namedtuple
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..callback import Callback, CancelEpochException, CancelFitException, Order, runs_in
 from ..checks import check_fit_args
@@ -17,26 +18,122 @@ if TYPE_CHECKING:
     from ..learner import Learner
 
 __all__ = ["lr_find", "LRFinderCB", "SuggestedLRs", "suggest_minimum", "suggest_steep",
-           "suggest_valley", "SUGGESTIONS"]
+           "suggest_valley", "SUGGESTIONS", "descent_problem", "batch_noise"]
 
 
-def suggest_minimum(lrs: Sequence[float], losses: Sequence[float]) -> float:
+# The first HEAD of the sweep is never suggested: the smoothed loss there averages only a few
+# batches (one at the very start), so a lucky first batch looks like the lowest loss of all.
+HEAD = 0.05
+# A descent is clear when the smoothed loss falls at least MIN_DROP below its plateau level,
+# and by more than the batch-to-batch noise of the loss. In bench/lr_find_seeds.py fresh models
+# fall 40-50% (70-190x the noise of the smoothed curve, i.e. several times a batch's own
+# noise); a trained model's flat curve and random labels fall 0-20%, within that noise.
+MIN_DROP = 0.2
+
+
+class _Descent(NamedTuple):
+    first: int  # the first index a suggestion may use (the ones before are the head)
+    low: int  # the lowest loss after the head (ties: the larger lr)
+    plateau: float  # the level before the descent
+    drop: float  # plateau - losses[low]
+
+
+def _head(n: int) -> int:
+    """How many of n points are the head of the sweep (at least 1, leaving at least 1)."""
+    return max(0, min(n - 1, math.ceil(HEAD * n)))
+
+
+def _descent(losses: Sequence[float]) -> _Descent:
+    first = _head(len(losses))
+    low = min(range(first, len(losses)), key=lambda i: (losses[i], -i))
+    # the plateau is the 90th percentile of the losses before the minimum, so neither noise nor
+    # a spike in the first batches moves it
+    before = sorted(losses[first: low + 1])
+    plateau = before[int(0.9 * (len(before) - 1))]
+    return _Descent(first, low, plateau, plateau - losses[low])
+
+
+def _clear(d: _Descent, noise: float) -> bool:
+    return d.drop > 0 and d.drop >= MIN_DROP * abs(d.plateau) and d.drop > noise
+
+
+def batch_noise(raw_losses: Sequence[float]) -> float:
+    """The batch-to-batch noise of the loss: the standard deviation a batch's loss has around
+    the trend, from the median absolute difference of successive (unsmoothed) batch losses, so
+    neither the trend nor a few wild batches near divergence move it."""
+    diffs = sorted(abs(b - a) for a, b in zip(raw_losses, raw_losses[1:])
+                   if math.isfinite(a) and math.isfinite(b))
+    if not diffs:
+        return 0.0
+    # for normal noise, median |x_i+1 - x_i| = 0.6745 * sqrt(2) * sigma
+    return diffs[len(diffs) // 2] / (0.6745 * math.sqrt(2))
+
+
+def descent_problem(lrs: Sequence[float], losses: Sequence[float],
+                    noise: float = 0.0) -> str | None:
+    """Why the smoothed loss curve gives no trustworthy suggestion, or None if it is fine.
+
+    The curve needs a clear descent: past the first few percent of the sweep, the loss falls
+    at least MIN_DROP (20%) below its plateau level, and by more than `noise` (the loss's
+    batch-to-batch noise, `batch_noise(raw_losses)`; lr_find passes it)."""
+    d = _descent(losses)
+    if _clear(d, noise):
+        return None
+    if d.low == d.first:
+        shape = ("is lowest at the start of the sweep and only rises from there (lr "
+                 f"{lrs[0]:.1e} to {lrs[-1]:.1e})")
+    else:
+        share = f"{max(d.drop, 0) / abs(d.plateau or 1):.0%} below its plateau " \
+                f"({d.plateau:.4g} -> {losses[d.low]:.4g}"
+        if d.drop < MIN_DROP * abs(d.plateau):
+            shape = f"falls only {share}; a clear descent falls {MIN_DROP:.0%} or more)"
+        else:
+            shape = f"falls {share}), no more than the loss's batch-to-batch noise ({noise:.3g})"
+    return (f"lr_find: no clear descent in the loss curve: the smoothed loss {shape}, so the "
+            "suggestion is a guess (every rule then gives a tenth of the largest lr at which "
+            "the loss is still near its lowest). Try more iterations (num_it=300), a smaller "
+            "start_lr, and check the data and the loss (inputs matching their labels, a "
+            "loss_func that fits the targets). A model that has already trained shows a flat "
+            "curve too: then train below the lr where the loss starts to rise.")
+
+
+def _near_lowest(lrs: Sequence[float], losses: Sequence[float], d: _Descent,
+                 noise: float) -> float:
+    """Every rule's answer for a curve with no clear descent: a tenth of the largest lr at
+    which the loss is still near its lowest (no higher than its plateau, or than its lowest
+    plus the batch noise or a tenth of the way up to its highest), so below where it rises."""
+    lowest, highest = losses[d.low], max(losses[d.first:])
+    near = max(d.plateau, lowest + max(noise, 0.1 * (highest - lowest)))
+    edge = max(i for i in range(d.low, len(losses)) if losses[i] <= near)
+    return max(lrs[edge] / 10, lrs[d.first])
+
+
+# Each rule takes (lrs, losses, noise=0.0): the lrs and smoothed losses of the usable curve, and
+# the loss's batch-to-batch noise (see batch_noise; 0 judges a descent by its size alone). None
+# suggests a rate from the first few percent of the sweep (HEAD) or outside it. Without a clear
+# descent (see descent_problem: a flat or noisy curve, or one that only rises) their lowest
+# point or steepest step is noise, so all three give the same rate: a tenth of the largest lr
+# at which the loss is still near its lowest.
+def suggest_minimum(lrs: Sequence[float], losses: Sequence[float], noise: float = 0.0) -> float:
     """A tenth of the lr where the (smoothed) loss is lowest: safely before it turns up."""
-    i = min(range(len(losses)), key=losses.__getitem__)
-    return lrs[i] / 10
+    d = _descent(losses)
+    if not _clear(d, noise):
+        return _near_lowest(lrs, losses, d, noise)
+    return max(lrs[d.low] / 10, lrs[d.first])
 
 
-def suggest_steep(lrs: Sequence[float], losses: Sequence[float]) -> float:
+def suggest_steep(lrs: Sequence[float], losses: Sequence[float], noise: float = 0.0) -> float:
     """The lr where the loss falls fastest per decade of lr."""
-    if len(lrs) < 2:
-        return lrs[0]
-    slopes = [(losses[i + 1] - losses[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i]))
-              for i in range(len(lrs) - 1)]
-    i = min(range(len(slopes)), key=slopes.__getitem__)
+    d = _descent(losses)
+    if not _clear(d, noise):
+        return _near_lowest(lrs, losses, d, noise)
+    slopes = {i: (losses[i + 1] - losses[i]) / (math.log10(lrs[i + 1]) - math.log10(lrs[i]))
+              for i in range(d.first, len(lrs) - 1)}
+    i = min(slopes, key=slopes.__getitem__)
     return math.sqrt(lrs[i] * lrs[i + 1])  # the middle of the steepest step, on the log axis
 
 
-def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
+def suggest_valley(lrs: Sequence[float], losses: Sequence[float], noise: float = 0.0) -> float:
     """The middle of the descent into the lowest loss, on the log axis.
 
     The descent runs from where the loss last stood near its plateau (within a tenth of the
@@ -44,14 +141,12 @@ def suggest_valley(lrs: Sequence[float], losses: Sequence[float]) -> float:
     the minimum, so neither noise nor the first few batches move it. The middle sits well
     inside the rates where training makes progress, away from the edge of divergence.
     """
-    low = min(range(len(losses)), key=losses.__getitem__)
-    before = sorted(losses[: low + 1])
-    plateau = before[int(0.9 * (len(before) - 1))]
-    drop = plateau - losses[low]
-    if drop <= 0:
-        return lrs[low]
-    start = max(i for i in range(low + 1) if losses[i] >= losses[low] + 0.9 * drop)
-    return math.sqrt(lrs[start] * lrs[low])
+    d = _descent(losses)
+    if not _clear(d, noise):
+        return _near_lowest(lrs, losses, d, noise)
+    start = max(i for i in range(d.first, d.low + 1)
+                if losses[i] >= losses[d.low] + 0.9 * d.drop)
+    return math.sqrt(lrs[start] * lrs[d.low])
 
 
 SUGGESTIONS = {"valley": suggest_valley, "minimum": suggest_minimum, "steep": suggest_steep}
@@ -103,6 +198,11 @@ class LRFinderCB(Callback):
         self._log_span = math.log(end_lr / start_lr)
         self._log_growth = math.log(gamma) if gamma else self._log_span / (num_it - 1)
         self.stop_div, self.beta, self.max_mult = stop_div, beta, max_mult
+        # The head of the planned sweep (to end_lr, or 1e10 with gamma) does not count towards
+        # the lowest loss that divergence is measured against: its smoothed losses average a
+        # few batches, and one lucky first batch must not make the rest look divergent.
+        planned = min(num_it, 1 + math.ceil(self._log_span / self._log_growth))
+        self._head = _head(planned)
         self.lrs: list[float] = []
         self.raw_losses: list[float] = []
         self.losses: list[float] = []  # smoothed
@@ -113,7 +213,7 @@ class LRFinderCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         self.lrs, self.raw_losses, self.losses = [], [], []
-        self._avg, self._best = 0.0, math.inf
+        self._avg, self._lowest = 0.0, math.inf
 
     def before_epoch(self, learn: Learner) -> None:
         if not learn.training:
@@ -131,9 +231,9 @@ class LRFinderCB(Callback):
         self._avg = self.beta * self._avg + (1 - self.beta) * loss
         smooth = self._avg / (1 - self.beta**i)
         self.losses.append(smooth)
-        if math.isfinite(smooth):
-            self._best = min(self._best, smooth)
-        diverged = not math.isfinite(smooth) or smooth > self.max_mult * self._best
+        diverged = not math.isfinite(smooth) or smooth > self.max_mult * self._lowest
+        if math.isfinite(smooth) and i > self._head:
+            self._lowest = min(self._lowest, smooth)
         if (self.stop_div and diverged) or i >= self.num_it:
             raise CancelFitException()
 
@@ -144,14 +244,16 @@ class LRFinderCB(Callback):
             raise ValueError(f"unknown lr_find suggestion {unknown}; choose from "
                              f"{list(SUGGESTIONS)}")
         # The curve up to where it diverges (the stop_div rule: not finite, or above max_mult
-        # times the lowest loss so far): beyond that it says nothing about good rates.
+        # times the lowest loss so far past the head): beyond that it says nothing about good
+        # rates.
         lrs, losses, lowest = [], [], math.inf
-        for lr, loss in zip(self.lrs, self.losses):
+        for i, (lr, loss) in enumerate(zip(self.lrs, self.losses)):
             if not math.isfinite(loss) or loss > self.max_mult * lowest:
                 break
             lrs.append(lr)
             losses.append(loss)
-            lowest = min(lowest, loss)
+            if i >= self._head:
+                lowest = min(lowest, loss)
         if len(lrs) < 2:
             raise ValueError(f"lr_find recorded {len(lrs)} usable losses, too few to suggest a "
                              "learning rate; lower start_lr, raise num_it, or check the data "
@@ -159,10 +261,17 @@ class LRFinderCB(Callback):
         if not names:
             raise ValueError("lr_find: suggest= names no suggestion; ask for at least one of "
                              f"{list(SUGGESTIONS)}")
-        return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses) for n in dict.fromkeys(names)})
+        d = _descent(losses)
+        noise = batch_noise(self.raw_losses[d.first: len(losses)])
+        problem = descent_problem(lrs, losses, noise)
+        if problem is not None:
+            warnings.warn(problem)
+        return SuggestedLRs(**{n: SUGGESTIONS[n](lrs, losses, noise)
+                               for n in dict.fromkeys(names)})
 
     def plot(self, suggestions: Any = None, path: str | Path | None = None):
-        """Smoothed loss against lr (log axis) with the suggestions marked; returns the Figure."""
+        """Smoothed loss against lr (log axis) with the suggestions marked, the divergent tail
+        clipped; returns the Figure (saved to `path` if given; in a notebook it shows once)."""
         marks = {} if suggestions is None else suggestions._asdict()
         return plot_lr_find(self.lrs, self.losses, marks, path=path)
 
@@ -176,6 +285,8 @@ def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float | None = None,
     asked in `suggest`). The course's form works too: `lr_find(gamma=1.3, max_mult=3,
     start_lr=1e-5, max_epochs=10)` grows the lr by `gamma` per batch for up to `max_epochs`
     epochs; the sweep stops when the smoothed loss passes `max_mult` times its minimum.
+    Suggestions never come from the first 5% of the sweep nor lie outside it, and a curve
+    with no clear descent (a flat, noisy or only rising loss) warns: see `descent_problem`.
     Leaves no trace: `lr_find(); fit()` trains exactly as `fit()` alone; callbacks with
     `main_fit_only` (schedules, metrics, loggers...) sit it out. The curve is in
     `learn.lr_finder`; `plot` shows it in a notebook, else saves it to `plot_path`."""
@@ -195,5 +306,6 @@ def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float | None = None,
     learn.lr_finder = finder
     suggestions = finder.suggest(suggest)
     if plot:
-        show_or_save(finder.plot(suggestions), plot_path)
+        # in a script, a plot saved where the user did not say is named on stderr
+        show_or_save(finder.plot(suggestions), plot_path, default="lr_find.png")
     return suggestions
