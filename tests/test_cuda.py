@@ -674,3 +674,48 @@ def test_fp16_assert_resumable():
 
     warnings.simplefilter("ignore", UserWarning)
     assert_resumable(lambda: make_fp16_learner()[0], 2, stop_at=[0, 3, 9])
+
+
+# ---- bf16 on CUDA: steps with non-finite gradients skipped, with no host sync per step ----------
+class InfGradAt(Callback):
+    """Writes inf into one gradient of training batch `at` (after backward)."""
+
+    order = 1
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after_backward(self, learn):
+        if learn.training and train_index(learn) == self.at:
+            next(learn.model.parameters()).grad.view(-1)[0] = float("inf")
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["sgd", "fused-adam"])
+def test_bf16_skips_a_step_with_inf_gradients_without_syncing_per_step(fused):
+    opt_func = ((lambda ps, lr: torch.optim.Adam(ps, lr=lr, fused=True)) if fused
+                else torch.optim.SGD)
+    weights = []
+
+    class Snapshot(Callback):
+        order = 40
+
+        def after_step(self, learn):
+            if learn.training:
+                weights.append([p.detach().clone() for p in learn.model.parameters()])
+
+    mp = MixedPrecision(dtype=torch.bfloat16)
+    learn = Learner(make_model(), tensor_dls(), F.cross_entropy, lr=0.05, opt_func=opt_func,
+                    cbs=[DeviceCB("cuda"), mp, InfGradAt(5), Snapshot()])
+    with watch_syncs() as syncs, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learn.fit(1)
+    torch.cuda.synchronize()
+    same = [all(torch.equal(a, b) for a, b in zip(weights[i - 1], weights[i]))
+            for i in range(1, len(weights))]
+    unchanged = [i + 1 for i, s in enumerate(same) if s]
+    print(f"fused={fused}: skipped {mp.skipped}; unchanged steps {unchanged}; "
+          f"{len(syncs)} syncs for 16 steps:\n{where_syncs(syncs)}")
+    assert mp.skipped == 1, f"skipped {mp.skipped}, expected 1"
+    assert unchanged == [5], f"only step 5 may leave the weights as they were: {unchanged}"
+    assert all(torch.isfinite(p).all() for p in learn.model.parameters())
+    assert len(syncs) < 16, f"{len(syncs)} host syncs: the bf16 check must not sync per step"
