@@ -36,7 +36,7 @@ from nanofit import (
     show_images,
     subplots,
 )
-from nanofit import plots as plots_module
+from nanofit import figures as plots_module  # how figures are made and shown
 
 
 # ---- BatchTransformCB: the whole batch, as in the course ----
