@@ -735,3 +735,14 @@ def test_weights_alone_load_into_a_model_of_another_dtype(tmp_path):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
     with pytest.raises(ValueError, match="float32"):
         half.load(path)  # with the optimizer (a resume) the dtypes must match
+
+
+def test_a_file_naming_a_blocked_module_is_refused_as_unsafe_not_as_corrupt(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "nanofit.checkpoint", "model": Evil()}, path)
+    with pytest.raises(ValueError, match="refusing to load .* names posix.system|names nt.system"):
+        make_learner().load(str(path))

@@ -154,4 +154,5 @@ def hint_silent_fit(learn: Learner) -> None:
     """A bare learner's fit shows nothing: say once how to see progress."""
     if not learn.cbs:
         say_once("silent fit", "this fit has no callbacks, so it shows nothing; add "
-                 "cbs=[MetricsCB(...), ProgressCB()] to see losses and metrics per epoch")
+                 "cbs=[ProgressCB()] to see the losses per epoch (and MetricsCB(...) for "
+                 "metrics)")

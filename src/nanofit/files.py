@@ -169,7 +169,9 @@ def _read_error(path: Path, what: str, fix: str, e: Exception) -> ValueError:
 
 
 def _unsafe_global(e: Exception) -> str | None:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    # torch's two wordings: "Unsupported global: GLOBAL x.y" and, for blocked modules (os,
+    # posix, subprocess...), "Trying to load unsupported GLOBAL posix.system whose module..."
+    found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(e))
     return found[1] if found else None
 
 
