@@ -225,3 +225,28 @@ def test_in_a_notebook_redraws_at_most_every_refresh_seconds(monkeypatch):
     learn.fit(3)
     assert len(fake.outputs) == 1 and fake.updates == 1  # only the final state, at the end
     assert fake.outputs[0]["text/html"].count("<tr>") == 3
+
+
+def test_a_resumed_fit_shows_its_epochs_from_where_it_resumed(tmp_path):
+    import io
+
+    from nanofit import Callback, CancelFitException, CheckpointCB
+
+    class TTYStringIO(io.StringIO):
+        def isatty(self):
+            return True
+
+    class StopAfterEpoch1(Callback):
+        order = 2000
+
+        def after_epoch(self, learn):
+            if learn.epoch == 1 and not learn.training:
+                raise CancelFitException()
+
+    Learner(make_model(), make_dls(), F.cross_entropy,
+            cbs=[CheckpointCB(tmp_path)]).fit(3, cbs=[StopAfterEpoch1()])
+    out = TTYStringIO()
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[ProgressCB(file=out)])
+    learn.fit(3, resume=str(tmp_path))
+    bars = [line for line in out.getvalue().replace("\r", "\n").splitlines() if "epochs" in line]
+    assert "3/3" in bars[-1] and not any("4/3" in b for b in bars)

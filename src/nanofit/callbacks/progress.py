@@ -224,11 +224,11 @@ class ProgressCB(Callback):
             self._epoch_bar = self._tqdm(total=learn.n_epochs, desc="epochs", leave=True)
 
     def before_epoch(self, learn: Learner) -> None:
-        bar = self._epoch_bar
-        if bar is not None and bar.n < learn.epoch:  # a resumed fit starts past epoch 0
-            bar.update(learn.epoch - bar.n)
         if self._row is None or self._row["epoch"] != learn.epoch:
             self._finish_row(learn)
+            bar = self._epoch_bar
+            if bar is not None and bar.n < learn.epoch:  # a resumed fit starts past epoch 0
+                bar.update(learn.epoch - bar.n)
             self._row = {"epoch": learn.epoch}
             self._row_done = False
             self._t0 = time.monotonic()
