@@ -746,3 +746,18 @@ def test_a_file_naming_a_blocked_module_is_refused_as_unsafe_not_as_corrupt(tmp_
     torch.save({"format": "nanofit.checkpoint", "model": Evil()}, path)
     with pytest.raises(ValueError, match="refusing to load .* names posix.system|names nt.system"):
         make_learner().load(str(path))
+
+
+def test_resume_from_a_folder_with_no_checkpoint_yet_starts_from_scratch(tmp_path, capsys):
+    # one command for the first start and every restart (torchrun --max-restarts)
+    for folder in (tmp_path / "empty", tmp_path / "not_made_yet"):
+        if folder.name == "empty":
+            folder.mkdir()
+        learn = make_learner()
+        learn.fit(1, cbs=[CheckpointCB(folder)], resume=str(folder))
+        assert "starting from scratch" in capsys.readouterr().err
+        assert list(folder.glob("*.pt"))  # and the next start resumes from this run
+        make_learner().fit(2, resume=str(folder))
+        assert "starting from scratch" not in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="missing.pt"):  # a file is never optional
+        make_learner().fit(1, resume=str(tmp_path / "missing.pt"))

@@ -9,6 +9,7 @@ all or nothing: a checkpoint that does not fit the learner is refused before any
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -224,9 +225,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def read_for_resume(path: str | Path, learn: Learner, n_epochs: int) -> dict[str, Any]:
+def read_for_resume(path: str | Path, learn: Learner, n_epochs: int) -> dict[str, Any] | None:
     """Read a checkpoint to resume from, refusing or warning about what cannot work. Refused
-    before the fit changes anything: the weights, optimizer and RNG states are checked here."""
+    before the fit changes anything: the weights, optimizer and RNG states are checked here.
+
+    A folder that holds no checkpoint yet (or does not exist yet) gives None with a one-line
+    notice: the fit starts from scratch, so one command serves the first start and every
+    restart (`torchrun --max-restarts`). A missing *file* is an error."""
+    folder = Path(path)
+    if (folder.is_dir() and not any(f.is_file() for f in folder.glob(f"*{SUFFIX}"))) or \
+            (not folder.exists() and folder.suffix != SUFFIX):
+        print(f"nanofit: no checkpoint in {str(folder)!r} yet: starting from scratch",
+              file=sys.stderr, flush=True)
+        return None
     ckpt = read_checkpoint(path)
     check_resumable(ckpt, learn, n_epochs)
     check_loadable(learn, ckpt)
