@@ -110,3 +110,66 @@ def test_ddpcb_backend_is_checked_and_does_nothing_in_one_process():
     learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[DDPCB(backend="gloo")])
     learn.fit(1)  # no torchrun, no process group: the same script runs in one process
     assert not isinstance(learn.model, torch.nn.parallel.DistributedDataParallel)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    import torch.nn.functional as F
+    from torch import nn
+    from nanofit import (CancelFitException, Callback, CheckpointCB, DDPCB, DataLoaders,
+                         Learner, TensorLoader)
+    from nanofit.distributed import rank
+    mode, out = sys.argv[1], sys.argv[2]
+
+    class Jitter(Callback):  # a random batch augmentation, drawn from each rank's own RNG
+        def before_batch(self, learn):
+            if learn.training:
+                x, y = learn.batch
+                learn.batch = (x + 0.1 * torch.randn_like(x), y)
+
+    class StopAt(Callback):
+        order = 10_000  # after CheckpointCB saved the batch, on every rank at once
+        def after_batch(self, learn):
+            if learn.training and learn.epoch == 1 and learn.iter == 2:
+                raise CancelFitException()
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g)
+    y = (x[:, 0] > 0).long()
+    dls = DataLoaders(TensorLoader((x, y), 4, shuffle=True), TensorLoader((x[:8], y[:8]), 4))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
+    cbs = [DDPCB(seed=1), Jitter(), CheckpointCB(out + "/ckpt", every_n_batches=1)]
+    learn = Learner(model, dls, F.cross_entropy, lr=0.1, cbs=cbs,
+                    opt_func=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))
+    torch.manual_seed(100 + rank())  # per-rank seeds: each rank's dropout and jitter differ
+    if mode == "stop":
+        learn.fit(3, cbs=[StopAt()])
+    else:
+        learn.fit(3, resume=out + "/ckpt" if mode == "resume" else None)
+    if rank() == 0 and mode != "stop":
+        torch.save(learn.model.state_dict(), out + "/weights.pt")
+""")
+
+
+def _torchrun(script, *args):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), *map(str, args)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_resumed_two_process_run_with_per_rank_randomness_is_bit_exact(tmp_path):
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT.format(root=ROOT))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    _torchrun(script, "whole", whole)
+    _torchrun(script, "stop", cut)
+    _torchrun(script, "resume", cut)
+    expected = torch.load(whole / "weights.pt", weights_only=True)
+    resumed = torch.load(cut / "weights.pt", weights_only=True)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)

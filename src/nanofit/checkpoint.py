@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from .distributed import unwrap_model
+from .distributed import is_distributed, rank, unwrap_model, world_size
 from .files import atomic_save, load_file, plain_state
 from .loading import (
     cb_keys,
@@ -34,10 +35,9 @@ if TYPE_CHECKING:
     from .learner import Learner
 
 __all__ = ["save", "load", "save_checkpoint", "read_checkpoint", "load_checkpoint",
-           "newest_checkpoint", "read_for_resume", "capture_rng", "restore_rng", "load_cb_states",
-           "check_weights", "check_loadable", "is_weights",
-           # at home in files.py and loading.py, importable here too
-           "atomic_save", "plain_state", "load_file"]
+           "newest_checkpoint", "read_for_resume", "gather_rng_states", "for_this_rank",
+           "rng_states", "capture_rng", "restore_rng", "load_cb_states", "check_weights",
+           "check_loadable", "is_weights", "atomic_save", "plain_state", "load_file"]
 
 FORMAT = "nanofit.checkpoint"
 VERSION = 1
@@ -119,6 +119,9 @@ def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
          "{'epoch': int, 'batches_done': int, 'train_done': bool}"),
         ("rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
         ("epoch_rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
+        ("ranks", lambda v: v is None or (isinstance(v, list) and all(
+            isinstance(r, dict) and set(r) == {"rng", "epoch_rng"} for r in v)),
+         "a list of each rank's RNG states"),
         ("callbacks", lambda v: v is None or (isinstance(v, dict)
                                               and all(isinstance(k, str) for k in v)),
          "a dict of callback states"),
@@ -128,13 +131,49 @@ def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-def save_checkpoint(learn: Learner, path: str | Path) -> Path:
-    """Write everything a resume needs to `path` (atomically); returns the path. Values are
-    stored as tensors and plain Python (see `plain_state`), so the file always loads."""
+def rng_states(learn: Learner) -> dict[str, Any]:
+    """This process's RNG states for a checkpoint taken now: `rng` (now, or at the validation
+    phase's start when saved in the middle of it: validation is redone on resume) and
+    `epoch_rng` (at the training phase's start, to replay its order mid-epoch)."""
     pos = learn.position
     epoch, done, train_done = pos.now(learn)
     mid_valid = pos.fitting and not learn.training and not pos.phase_done
-    rng = pos.valid_rng if mid_valid else capture_rng(learn.dls)
+    return {"rng": pos.valid_rng if mid_valid else capture_rng(learn.dls),
+            "epoch_rng": pos.epoch_rng if done and not train_done else None}
+
+
+def gather_rng_states(learn: Learner) -> list[dict[str, Any]] | None:
+    """Every rank's `rng_states`, on every rank (a collective: all ranks call it at the same
+    point, as CheckpointCB does); None without torch.distributed."""
+    if not is_distributed():
+        return None
+    states: list[Any] = [None] * world_size()
+    dist.all_gather_object(states, rng_states(learn))
+    return states
+
+
+def for_this_rank(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with this rank's own RNG states (saved by every rank of a DDP run:
+    per-rank seeds, dropout and augmentations resume exactly); as saved otherwise."""
+    ranks = ckpt.get("ranks")
+    if not ranks:
+        return ckpt
+    if len(ranks) != world_size():
+        warnings.warn(f"checkpoint {ckpt.get('path')!r} was saved by {len(ranks)} processes and "
+                      f"is resumed by {world_size()}: every rank gets rank 0's random states, so "
+                      "the resumed run is not bit-exact")
+        return ckpt
+    return {**ckpt, **ranks[rank()]}
+
+
+def save_checkpoint(learn: Learner, path: str | Path,
+                    ranks: list[dict[str, Any]] | None = None) -> Path:
+    """Write everything a resume needs to `path` (atomically); returns the path. Values are
+    stored as tensors and plain Python (see `plain_state`), so the file always loads. `ranks`
+    (from `gather_rng_states`) adds every rank's RNG states, restored each to its own."""
+    pos = learn.position
+    epoch, done, train_done = pos.now(learn)
+    states = rng_states(learn)
     opt_state = None
     if learn.opt is not None and callable(getattr(learn.opt, "state_dict", None)):
         opt_state = learn.opt.state_dict()
@@ -151,8 +190,8 @@ def save_checkpoint(learn: Learner, path: str | Path) -> Path:
         "lr": learn.lr,
         "n_epochs": learn.n_epochs,
         "position": {"epoch": epoch, "batches_done": done, "train_done": train_done},
-        "rng": rng,
-        "epoch_rng": pos.epoch_rng if done and not train_done else None,
+        **states,
+        "ranks": ranks,
         "callbacks": {key: cb.state_dict() for key, cb in cb_keys(learn.cbs)},
     }
     return atomic_save(plain_state(ckpt, "checkpoint"), path)

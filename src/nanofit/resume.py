@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import capture_rng, load_cb_states, load_checkpoint, restore_rng
+from .checkpoint import (
+    capture_rng,
+    for_this_rank,
+    load_cb_states,
+    load_checkpoint,
+    restore_rng,
+)
 from .checks import check_first_batch
 from .data import rebuild_loader
 
@@ -96,6 +102,7 @@ class LoopPosition:
         training batches done, training phase done). Without a checkpoint, (0, 0, False)."""
         if ckpt is None:
             return 0, 0, False
+        ckpt = for_this_rank(ckpt)  # under DDP each rank's own random states
         load_checkpoint(learn, ckpt)
         pos = ckpt["position"]
         if pos["batches_done"] and not pos["train_done"]:

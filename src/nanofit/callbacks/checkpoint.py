@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..callback import Callback, Order
-from ..checkpoint import SUFFIX, save_checkpoint
+from ..checkpoint import SUFFIX, gather_rng_states, save_checkpoint
 from ..distributed import is_rank0
 
 if TYPE_CHECKING:
@@ -135,9 +135,12 @@ class CheckpointCB(Callback):
         torch.distributed only rank 0 writes."""
         epoch, done, train_done = learn.position.now(learn)
         name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{SUFFIX}"
+        # every rank's random states, gathered by all ranks at this same point (not for a
+        # Ctrl-C save, which one rank may make alone: that one holds rank 0's states only)
+        ranks = None if self.interrupted else gather_rng_states(learn)
         if not is_rank0():
             return self.path / name
-        path = save_checkpoint(learn, self.path / name)
+        path = save_checkpoint(learn, self.path / name, ranks)
         if path in self.saved:
             self.saved.remove(path)
         self.saved.append(path)
