@@ -117,8 +117,9 @@ RESUME_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import torch.nn.functional as F
     from torch import nn
+    import json
     from nanofit import (CancelFitException, Callback, CheckpointCB, DDPCB, DataLoaders,
-                         Learner, TensorLoader)
+                         Learner, MetricsCB, TensorLoader)
     from nanofit.distributed import rank
     mode, out = sys.argv[1], sys.argv[2]
 
@@ -140,7 +141,8 @@ RESUME_SCRIPT = textwrap.dedent("""
     dls = DataLoaders(TensorLoader((x, y), 4, shuffle=True), TensorLoader((x[:8], y[:8]), 4))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 2))
-    cbs = [DDPCB(seed=1), Jitter(), CheckpointCB(out + "/ckpt", every_n_batches=1)]
+    cbs = [DDPCB(seed=1), Jitter(), MetricsCB(),
+           CheckpointCB(out + "/ckpt", every_n_batches=1)]
     learn = Learner(model, dls, F.cross_entropy, lr=0.1, cbs=cbs,
                     opt_func=lambda p, lr: torch.optim.SGD(p, lr=lr, momentum=0.9))
     torch.manual_seed(100 + rank())  # per-rank seeds: each rank's dropout and jitter differ
@@ -150,6 +152,9 @@ RESUME_SCRIPT = textwrap.dedent("""
         learn.fit(3, resume=out + "/ckpt" if mode == "resume" else None)
     if rank() == 0 and mode != "stop":
         torch.save(learn.model.state_dict(), out + "/weights.pt")
+        torch.save(learn.opt.state_dict(), out + "/opt.pt")
+        with open(out + "/history.json", "w") as f:
+            json.dump(learn.metrics.history, f)
 """)
 
 
@@ -173,3 +178,9 @@ def test_a_resumed_two_process_run_with_per_rank_randomness_is_bit_exact(tmp_pat
     expected = torch.load(whole / "weights.pt", weights_only=True)
     resumed = torch.load(cut / "weights.pt", weights_only=True)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    opt_a = torch.load(whole / "opt.pt", weights_only=True)["state"]
+    opt_b = torch.load(cut / "opt.pt", weights_only=True)["state"]
+    assert opt_a.keys() == opt_b.keys() and all(
+        torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+    history = (whole / "history.json").read_text()
+    assert history == (cut / "history.json").read_text()

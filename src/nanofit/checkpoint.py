@@ -120,7 +120,9 @@ def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
         ("rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
         ("epoch_rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
         ("ranks", lambda v: v is None or (isinstance(v, list) and all(
-            isinstance(r, dict) and set(r) == {"rng", "epoch_rng"} for r in v)),
+            isinstance(r, dict) and {"rng", "epoch_rng"} <= set(r) <= {"rng", "epoch_rng",
+                                                                      "callbacks"}
+            and isinstance(r.get("callbacks", {}), dict) for r in v)),
          "a list of each rank's RNG states"),
         ("callbacks", lambda v: v is None or (isinstance(v, dict)
                                               and all(isinstance(k, str) for k in v)),
@@ -143,12 +145,15 @@ def rng_states(learn: Learner) -> dict[str, Any]:
 
 
 def gather_rng_states(learn: Learner) -> list[dict[str, Any]] | None:
-    """Every rank's `rng_states`, on every rank (a collective: all ranks call it at the same
-    point, as CheckpointCB does); None without torch.distributed."""
+    """Every rank's own state, on every rank: its `rng_states` and its callbacks' states (a
+    MetricsCB sums its own shard's batches). A collective: all ranks call it at the same
+    point, as CheckpointCB does; None without torch.distributed."""
     if not is_distributed():
         return None
+    mine = {**rng_states(learn),
+            "callbacks": {key: cb.state_dict() for key, cb in cb_keys(learn.cbs)}}
     states: list[Any] = [None] * world_size()
-    dist.all_gather_object(states, rng_states(learn))
+    dist.all_gather_object(states, mine)
     return states
 
 
@@ -163,7 +168,10 @@ def for_this_rank(ckpt: dict[str, Any]) -> dict[str, Any]:
                       f"is resumed by {world_size()}: every rank gets rank 0's random states, so "
                       "the resumed run is not bit-exact")
         return ckpt
-    return {**ckpt, **ranks[rank()]}
+    mine = dict(ranks[rank()])
+    states = _CallbackStates(mine.pop("callbacks", None) or ckpt.get("callbacks") or {})
+    states.path = str(ckpt.get("path", "?"))
+    return {**ckpt, **mine, "callbacks": states}
 
 
 def save_checkpoint(learn: Learner, path: str | Path,
