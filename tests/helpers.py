@@ -34,3 +34,18 @@ class BatchCounter(Callback):
 
     def load_state_dict(self, state):
         self.n = state["n"]
+
+
+class CourseBatchSchedCB(Callback):
+    """miniai's BaseSchedCB/BatchSchedCB, unchanged: builds its scheduler on learn.opt at
+    before_fit and steps it after every training batch."""
+
+    def __init__(self, sched):
+        self.sched = sched
+
+    def before_fit(self, learn):
+        self.schedo = self.sched(learn.opt)
+
+    def after_batch(self, learn):
+        if learn.training:
+            self.schedo.step()

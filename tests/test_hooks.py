@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import Hook, Hooks, Learner, model_summary, resnet, simple_cnn
+from nanofit import Hook, Hooks, Learner, append_stats, model_summary, resnet, simple_cnn
 from nanofit.hooks import select_modules
 
 
@@ -86,15 +86,6 @@ def test_learner_summary_leaves_model_and_rng_alone():
     assert torch.equal(gen_state, dls.train.generator.get_state())
     assert model.training
 
-
-def append_stats(hook, mod, inp, outp):
-    """miniai's hook function, as the course writes it: state kept on the hook."""
-    if not hasattr(hook, "stats"):
-        hook.stats = ([], [], [])
-    acts = outp.detach().cpu()
-    hook.stats[0].append(acts.mean())
-    hook.stats[1].append(acts.std())
-    hook.stats[2].append(acts.abs().histc(40, 0, 10))
 
 
 def test_hooks_work_as_the_course_list():

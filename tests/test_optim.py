@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanofit import Callback, HPOptimizer, Learner, get_hyper, set_hyper
-from tests.helpers import make_dls, make_model
+from nanofit import HPOptimizer, Learner, get_hyper, set_hyper
+from tests.helpers import CourseBatchSchedCB, make_dls, make_model
 
 
 def two_groups(model):
@@ -147,17 +147,6 @@ def test_learn_opt_is_a_real_torch_optimizer_that_torch_schedulers_drive():
     sched.step()
     assert opt.lr == pytest.approx(0.05)
     CosineAnnealingLR(opt, 100)
-
-    class CourseBatchSchedCB(Callback):  # miniai's BaseSchedCB/BatchSchedCB, unchanged
-        def __init__(self, sched):
-            self.sched = sched
-
-        def before_fit(self, learn):
-            self.schedo = self.sched(learn.opt)
-
-        def after_batch(self, learn):
-            if learn.training:
-                self.schedo.step()
 
     learn = Learner(make_model(), make_dls(n_train=16), F.cross_entropy, lr=0.1,
                     cbs=[CourseBatchSchedCB(partial(ExponentialLR, gamma=0.5))])

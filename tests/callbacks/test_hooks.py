@@ -15,6 +15,7 @@ from nanofit import (
     Learner,
     SingleBatchCB,
     TensorLoader,
+    append_stats,
 )
 from nanofit.plots import new_figure
 from tests.helpers import make_dls
@@ -178,15 +179,6 @@ def test_activation_stats_on_tuple_outputs_and_shared_modules():
     Learner(net, make_dls(n_train=32, bs=8), F.cross_entropy, cbs=[stats]).fit(1)
     assert [s.shape[0] for s in stats.stats] == [4, 4]  # one row per batch, even called twice
 
-
-def append_stats(hook, mod, inp, outp):
-    """miniai's hook function, as the course writes it."""
-    if not hasattr(hook, "stats"):
-        hook.stats = ([], [], [])
-    acts = outp.detach().cpu()
-    hook.stats[0].append(acts.mean())
-    hook.stats[1].append(acts.std())
-    hook.stats[2].append(acts.abs().histc(40, 0, 10))
 
 
 def relu_net():

@@ -15,7 +15,7 @@ from nanofit import (
     Recorder,
     sched_lin,
 )
-from tests.helpers import make_dls, make_model
+from tests.helpers import CourseBatchSchedCB, make_dls, make_model
 
 
 class GroupLRs(Callback):
@@ -194,18 +194,7 @@ def test_reused_schedule_callbacks_sit_out_a_validation_only_fit():
 def test_the_course_schedule_callback_in_a_first_validation_only_fit():
     from torch.optim.lr_scheduler import ExponentialLR
 
-    class BaseSchedCB(Callback):  # miniai's, unchanged: builds its scheduler at before_fit
-        def __init__(self, sched):
-            self.sched = sched
-
-        def before_fit(self, learn):
-            self.schedo = self.sched(learn.opt)
-
-        def after_batch(self, learn):
-            if learn.training:
-                self.schedo.step()
-
     learn = Learner(make_model(), make_dls(), F.cross_entropy, lr=0.1,
-                    cbs=[BaseSchedCB(partial(ExponentialLR, gamma=0.5))])
+                    cbs=[CourseBatchSchedCB(partial(ExponentialLR, gamma=0.5))])
     learn.fit(1, train=False)  # the course makes an optimizer in every fit: so does nanofit
     assert learn.opt.lr == 0.1
