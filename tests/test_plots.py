@@ -15,7 +15,7 @@ def test_plot_loss_saves_png(tmp_path):
     fig = plot_loss([3.0, 2.0, 1.5, 1.0], [(2, 2.5), (4, 1.2)], path=tmp_path / "a" / "l.png")
     assert (tmp_path / "a" / "l.png").read_bytes()[:4] == b"\x89PNG"
     assert [line.get_label() for line in fig.axes[0].lines] == \
-        ["train (per batch)", "train (smoothed)", "valid (per epoch)"]
+        ["train (per batch)", "train (smoothed)", "valid"]
 
 
 def test_lr_find_plot_clips_the_divergent_tail():

@@ -16,6 +16,7 @@ from .callback import (
     CancelEpochException,
     CancelFitException,
     Order,
+    every,
     run_cbs,
 )
 from .callbacks import (
@@ -81,7 +82,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 # it); each also has a home module where the README points: nanofit.callbacks, .vision,
 # .schedule, .hooks, .init, .optim, .distributed.
 __all__ = [
-    "Learner", "TrainLearner", "MomentumLearner", "Callback", "Order", "EVENTS", "STEPS",
+    "Learner", "TrainLearner", "MomentumLearner", "Callback", "Order", "EVENTS", "STEPS", "every",
     "CancelFitException", "CancelEpochException", "CancelBatchException",
     "TrainCB", "DeviceCB", "SingleBatchCB", "MetricsCB", "Recorder", "ProgressCB",
     "ParamScheduler", "BatchSchedCB", "EpochSchedCB", "LRFinderCB", "SuggestedLRs",

@@ -10,7 +10,8 @@ from typing import Any
 __all__ = ["CANCELS", "Callback", "CancelFitException", "CancelEpochException",
            "CancelBatchException", "Order", "EVENTS", "STEPS", "STAGES", "check_callback",
            "note_origin", "where", "as_cbs", "build_handlers", "call_all", "run_cbs",
-           "describe_loop", "describe_orders", "runs_in"]
+           "describe_loop", "describe_orders", "runs_in", "every", "BATCH_STAGE_EVENTS",
+           "HandlerTables"]
 
 
 class CancelFitException(Exception):
@@ -53,6 +54,37 @@ EVENTS = (
     "after_cancel_batch", "after_cancel_epoch", "after_cancel_fit",
     "cleanup_batch", "cleanup_epoch", "cleanup_fit",
 )
+
+
+# The events of one batch, where `every(n)` may thin a handler out.
+BATCH_STAGE_EVENTS = ("before_batch", "after_predict", "after_loss", "after_backward",
+                      "after_step", "after_batch", "after_cancel_batch", "cleanup_batch")
+
+
+def every(n: int | str, valid: bool = False) -> Callable[[Callable], Callable]:
+    """Run a callback's batch event method on every `n`-th training batch only: the n-th,
+    2n-th, ... of the fit, counted by `learn.step`. With `valid=True` it also runs on every
+    n-th batch of each validation phase (counted by `learn.iter`); otherwise never there.
+
+    `n` is a number, or the name of an attribute of the callback holding it (read when the
+    learner builds its dispatch tables: `@every("log_every")`; None or 0 there: never).
+    It costs the other batches nothing: the learner leaves the method out of its per-batch
+    dispatch table and swaps in a table with it on the batches where it is due.
+
+    Example: `@every(100) def after_batch(self, learn): print(learn.step + 1, learn.loss)`
+    """
+    if isinstance(n, bool) or not (isinstance(n, str) or (isinstance(n, int) and n >= 1)):
+        raise ValueError(f"every(n): n must be an int >= 1 or the name of an attribute holding "
+                         f"one, got {n!r}")
+
+    def mark(fn: Callable) -> Callable:
+        if fn.__name__ not in BATCH_STAGE_EVENTS:
+            raise TypeError(f"every({n!r}) decorates a batch event method "
+                            f"({', '.join(BATCH_STAGE_EVENTS)}), not {fn.__name__!r}")
+        fn.every = (n, valid)  # type: ignore[attr-defined]
+        return fn
+
+    return mark
 
 
 class Order:
@@ -205,19 +237,85 @@ def describe_orders(cbs: list[Any]) -> str:
     return "callbacks (order, name):\n" + ("\n".join(rows) if rows else "  -")
 
 
-def build_handlers(cbs: list[Any], defaults: type) -> dict[str, tuple[Callable, ...]]:
+def _every_of(cb: Any, method: Callable) -> tuple[int, bool] | None:
+    """(n, on validation too) for a method decorated with `every`, resolved on `cb`; None for
+    a method that runs on every batch. n == 0: never."""
+    mark = getattr(method, "every", None)
+    if mark is None:
+        return None
+    n, valid = mark
+    if isinstance(n, str):
+        value = getattr(cb, n, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 0):
+            raise ValueError(f"{type(cb).__name__}.{n} = {value!r}: every({n!r}) needs an int "
+                             ">= 1 there (or None / 0 for never)")
+        n = value or 0
+    return n, valid
+
+
+class HandlerTables:
+    """The learner's dispatch tables. `full` has every handler of every event, in order;
+    `base`, the one the loop uses on most batches, leaves out the methods marked `every(n)`.
+    On a batch where some are due the loop swaps in `at(index)`: base with those merged back
+    in their place (built once per set of due methods, then cached). So the loop pays one int
+    comparison per batch (with `next_due`) and a thinned method costs nothing in between."""
+
+    def __init__(self, full: dict[str, tuple[Callable, ...]],
+                 marks: dict[str, tuple[tuple[int, bool] | None, ...]]) -> None:
+        self.full, self.marks = full, marks
+        self.base = {e: tuple(fn for fn, mk in zip(fns, marks[e]) if mk is None)
+                     for e, fns in full.items()}
+        self._cache: dict[tuple[tuple[str, int], ...], dict[str, tuple[Callable, ...]]] = {}
+        found = [mk for mks in marks.values() for mk in mks if mk is not None and mk[0]]
+        self._ns = {True: sorted({n for n, _ in found}),
+                    False: sorted({n for n, valid in found if valid})}
+
+    def next_due(self, index: int, train: bool = True) -> int:
+        """The first batch index >= `index` (0-based) where some `every(n)` method is due
+        (index i is due for n when (i + 1) % n == 0); -1 when none ever is."""
+        ns = self._ns[train]
+        if not ns:
+            return -1
+        return min(index + (-(index + 1)) % n for n in ns)
+
+    def at(self, index: int, train: bool = True) -> dict[str, tuple[Callable, ...]]:
+        """The table for batch `index` (0-based) of a training (or validation) phase."""
+        due = tuple((e, j) for e, mks in self.marks.items() for j, mk in enumerate(mks)
+                    if mk is not None and mk[0] and (train or mk[1]) and (index + 1) % mk[0] == 0)
+        table = self._cache.get(due)
+        if table is None:
+            table = dict(self.base)
+            for event in {e for e, _ in due}:
+                table[event] = tuple(fn for j, (fn, mk) in enumerate(zip(self.full[event],
+                                                                         self.marks[event]))
+                                     if mk is None or (event, j) in due)
+            self._cache[due] = table
+        return table
+
+
+def build_tables(cbs: list[Any], defaults: type) -> HandlerTables:
     """Each event's and step's handlers, ready for the loop: the callbacks' bound methods in
     `order` (ties keep list order). A step is replaced as a method is overridden: the last
     callback defining it wins, else `defaults` (the Learner's class) has it. A callback's
     `wrap_handler(event, fn)` then wraps the handlers (ProfileCB, MixedPrecision); the lowest
-    order wraps outermost. Built when the callbacks change, so the loop walks plain tuples."""
+    order wraps outermost. Methods marked `every(n)` are kept apart (`HandlerTables`). Built
+    when the callbacks change, so the loop walks plain tuples."""
     ordered = sorted(cbs, key=lambda cb: cb.order)
-    handlers = {name: tuple(m for m in (getattr(cb, name, None) for cb in ordered) if callable(m))
-                for name in EVENTS + STEPS}
+    found = {name: [(cb, m) for cb in ordered if callable(m := getattr(cb, name, None))]
+             for name in EVENTS + STEPS}
+    handlers = {name: tuple(m for _, m in pairs) for name, pairs in found.items()}
+    marks = {name: tuple(_every_of(cb, m) for cb, m in pairs) for name, pairs in found.items()}
     for name in STEPS:
         handlers[name] = handlers[name][-1:] or (getattr(defaults, name),)
+        marks[name] = (None,)
     for cb in reversed(ordered):
         wrap = getattr(cb, "wrap_handler", None)
         if callable(wrap):
             handlers = {e: tuple(wrap(e, fn) for fn in fns) for e, fns in handlers.items()}
-    return handlers
+    return HandlerTables(handlers, marks)
+
+
+def build_handlers(cbs: list[Any], defaults: type) -> dict[str, tuple[Callable, ...]]:
+    """Every event's handlers, `every(n)` methods included (see `build_tables`)."""
+    return build_tables(cbs, defaults).full

@@ -1,11 +1,13 @@
 """Checkpoints: one atomically written file with everything a bit-exact resume needs.
 
 A checkpoint holds the model, the optimizer (state and hyper-parameters), the loop position
-(epoch, training batches done, whether the training phase is done), the RNG states now and at
-the start of the current epoch (so the epoch's shuffled order can be replayed), and the state
-of every callback with `state_dict()`. It holds only tensors and plain Python values and is
-read with `torch.load(weights_only=True)`: loading never runs code from the file. A load is
-all or nothing: a checkpoint that does not fit the learner is refused before anything changes.
+(epoch or round, training batches done, whether the training phase is done, steps, passes over
+the training data), the RNG states now and at the start of the current pass over the training
+data (so its shuffled order can be replayed), the training loader's own position when it keeps
+one (`state_dict()`), and the state of every callback with `state_dict()`. It holds only
+tensors and plain Python values and is read with `torch.load(weights_only=True)`: loading never
+runs code from the file. A load is all or nothing: a checkpoint that does not fit the learner
+is refused before anything changes.
 """
 from __future__ import annotations
 
@@ -29,7 +31,14 @@ from .loading import (
     load_checkpoint,
     opt_class,
 )
-from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
+from .steps import FitPlan, state_owner
+from .torch_utils import (
+    get_rng_state,
+    length,
+    loader_generators,
+    preserved_rng,
+    set_rng_state,
+)
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -103,7 +112,8 @@ def _is_opt_state(value: Any) -> bool:
 
 def _is_position(value: Any) -> bool:
     return (isinstance(value, dict) and _is_int(value.get("epoch"))
-            and _is_int(value.get("batches_done")) and isinstance(value.get("train_done"), bool))
+            and _is_int(value.get("batches_done")) and isinstance(value.get("train_done"), bool)
+            and all(_is_int(value[k]) for k in ("step", "passes", "in_pass") if k in value))
 
 
 def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
@@ -115,13 +125,15 @@ def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
         ("lr", lambda v: v is None or _is_lr(v), "a number or a list of numbers"),
         ("n_batches", lambda v: v is None or _is_int(v), "a number of batches"),
         ("n_epochs", lambda v: v is None or _is_int(v), "a number of epochs"),
+        ("total_steps", lambda v: v is None or _is_int(v), "a number of steps"),
+        ("valid_every", lambda v: v is None or _is_int(v, 1), "a number of steps"),
         ("position", lambda v: v is None or _is_position(v),
          "{'epoch': int, 'batches_done': int, 'train_done': bool}"),
         ("rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
         ("epoch_rng", lambda v: v is None or isinstance(v, dict), "a dict of RNG states"),
         ("ranks", lambda v: v is None or (isinstance(v, list) and all(
             isinstance(r, dict) and {"rng", "epoch_rng"} <= set(r) <= {"rng", "epoch_rng",
-                                                                      "callbacks"}
+                                                                      "loader", "callbacks"}
             and isinstance(r.get("callbacks", {}), dict) for r in v)),
          "a list of each rank's RNG states"),
         ("callbacks", lambda v: v is None or (isinstance(v, dict)
@@ -135,13 +147,17 @@ def _structure_problems(ckpt: dict[str, Any]) -> list[str]:
 # ---- checkpoints --------------------------------------------------------------------------------
 def rng_states(learn: Learner) -> dict[str, Any]:
     """This process's RNG states for a checkpoint taken now: `rng` (now, or at the validation
-    phase's start when saved in the middle of it: validation is redone on resume) and
-    `epoch_rng` (at the training phase's start, to replay its order mid-epoch)."""
+    phase's start when saved in the middle of it: validation is redone on resume),
+    `epoch_rng` (at the start of the pass over the training data, to replay its order
+    mid-pass) and `loader`, the training loader's own position if it keeps one."""
     pos = learn.position
     epoch, done, train_done = pos.now(learn)
     mid_valid = pos.fitting and not learn.training and not pos.phase_done
+    mid_pass = (done and not train_done) or (pos.fitting and pos.plan.by_steps and pos.in_pass)
+    owner = state_owner(getattr(learn.dls, "train", None))
     return {"rng": pos.valid_rng if mid_valid else capture_rng(learn.dls),
-            "epoch_rng": pos.epoch_rng if done and not train_done else None}
+            "epoch_rng": pos.epoch_rng if mid_pass else None,
+            "loader": None if owner is None else owner.state_dict()}
 
 
 def gather_rng_states(learn: Learner) -> list[dict[str, Any]] | None:
@@ -182,6 +198,7 @@ def save_checkpoint(learn: Learner, path: str | Path,
     pos = learn.position
     epoch, done, train_done = pos.now(learn)
     states = rng_states(learn)
+    train = getattr(learn.dls, "train", None)
     opt_state = None
     if learn.opt is not None and callable(getattr(learn.opt, "state_dict", None)):
         opt_state = learn.opt.state_dict()
@@ -194,10 +211,14 @@ def save_checkpoint(learn: Learner, path: str | Path,
         "model": unwrap_model(learn.model).state_dict(),  # loadable without DDP
         "opt": opt_state,
         "opt_type": opt_class(learn.opt) if opt_state is not None else None,
-        "n_batches": pos.n_train,
+        "n_batches": length(train) or 0,
         "lr": learn.lr,
         "n_epochs": learn.n_epochs,
-        "position": {"epoch": epoch, "batches_done": done, "train_done": train_done},
+        "total_steps": pos.plan.total_steps if pos.plan.by_steps else None,
+        "valid_every": pos.plan.valid_every if pos.plan.by_steps else None,
+        "position": {"epoch": epoch, "batches_done": done, "train_done": train_done,
+                     "step": pos.steps_done(learn), "passes": pos.passes,
+                     "in_pass": pos.in_pass},
         **states,
         "ranks": ranks,
         "callbacks": {key: cb.state_dict() for key, cb in cb_keys(learn.cbs)},
@@ -262,7 +283,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def read_for_resume(path: str | Path, learn: Learner, n_epochs: int) -> dict[str, Any] | None:
+def read_for_resume(path: str | Path, learn: Learner,
+                    plan: FitPlan | int) -> dict[str, Any] | None:
     """Read a checkpoint to resume from, refusing or warning about what cannot work. Refused
     before the fit changes anything: the weights, optimizer and RNG states are checked here.
 
@@ -276,27 +298,50 @@ def read_for_resume(path: str | Path, learn: Learner, n_epochs: int) -> dict[str
               file=sys.stderr, flush=True)
         return None
     ckpt = read_checkpoint(path)
-    check_resumable(ckpt, learn, n_epochs)
+    check_resumable(ckpt, learn, plan)
     check_loadable(learn, ckpt)
     _check_rng_states(ckpt, learn)
     return ckpt
 
 
-def check_resumable(ckpt: dict[str, Any], learn: Learner, n_epochs: int) -> None:
-    """Refuse or warn about resuming from `ckpt` into this fit."""
+def check_resumable(ckpt: dict[str, Any], learn: Learner, plan: FitPlan | int) -> None:
+    """Refuse or warn about resuming from `ckpt` into this fit (`plan`: its FitPlan, or a
+    number of epochs)."""
+    if isinstance(plan, int):
+        plan = FitPlan(plan, None)
     pos = ckpt.get("position")
     if not isinstance(pos, dict):
         raise ValueError(f"{ckpt['path']!r} holds weights only (e.g. from SaveBestCB), not a "
                          "training position: load it with learn.load(path), or resume from a "
                          "CheckpointCB file")
-    if pos["epoch"] >= n_epochs:
-        raise ValueError(f"checkpoint {ckpt['path']!r} is at epoch {pos['epoch']}, so "
-                         f"fit({n_epochs}, resume=...) has nothing left to do; ask for more epochs")
-    if ckpt.get("n_epochs") not in (None, n_epochs):
-        warnings.warn(f"resuming a {ckpt['n_epochs']}-epoch run as a {n_epochs}-epoch fit: "
-                      "schedules over the whole fit (one-cycle...) will not match the original")
+    saved_by_steps = ckpt.get("total_steps") is not None
+    if saved_by_steps != plan.by_steps:
+        was = (f"fit(steps={ckpt['total_steps']}, valid_every={ckpt.get('valid_every')})"
+               if saved_by_steps else f"fit({ckpt.get('n_epochs')})")
+        raise ValueError(f"checkpoint {ckpt['path']!r} comes from a {was} run; resume it with "
+                         "the same kind of fit (steps= with steps=, epochs with epochs)")
+    if plan.by_steps:
+        if pos.get("step", 0) >= (plan.total_steps or 0):
+            raise ValueError(f"checkpoint {ckpt['path']!r} is at step {pos.get('step')}, so "
+                             f"fit(steps={plan.total_steps}, resume=...) has nothing left to do; "
+                             "ask for more steps")
+        if (ckpt["total_steps"], ckpt.get("valid_every")) != (plan.total_steps, plan.valid_every):
+            warnings.warn(f"resuming a fit(steps={ckpt['total_steps']}, valid_every="
+                          f"{ckpt.get('valid_every')}) run as fit(steps={plan.total_steps}, "
+                          f"valid_every={plan.valid_every}): rounds and schedules over the whole "
+                          "fit (one-cycle...) will not match the original")
+    else:
+        n_epochs = plan.n_epochs
+        if pos["epoch"] >= n_epochs:
+            raise ValueError(f"checkpoint {ckpt['path']!r} is at epoch {pos['epoch']}, so "
+                             f"fit({n_epochs}, resume=...) has nothing left to do; ask for more "
+                             "epochs")
+        if ckpt.get("n_epochs") not in (None, n_epochs):
+            warnings.warn(f"resuming a {ckpt['n_epochs']}-epoch run as a {n_epochs}-epoch fit: "
+                          "schedules over the whole fit (one-cycle...) will not match the "
+                          "original")
     train = getattr(learn.dls, "train", None)
-    n = len(train) if train is not None and hasattr(train, "__len__") else None
+    n = length(train)
     if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n:
         warnings.warn(f"the checkpoint's training loader had {ckpt['n_batches']} batches, this one "
                       f"has {n}: the resumed epoch cannot follow the original order")
@@ -312,7 +357,8 @@ def _check_rng_states(ckpt: dict[str, Any], learn: Learner) -> None:
     back as it was."""
     pos = ckpt["position"]
     mid_epoch = pos["batches_done"] and not pos["train_done"]
-    for key in ("rng", "epoch_rng") if mid_epoch else ("rng",):
+    replays = mid_epoch or ckpt.get("epoch_rng") is not None  # mid-pass: its order is replayed
+    for key in ("rng", "epoch_rng") if replays else ("rng",):
         try:
             with preserved_rng(learn.dls), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the real restore warns, if need be

@@ -10,6 +10,7 @@ import torch
 
 from .callback import check_callback
 from .optim import check_lr
+from .torch_utils import length, loss_of
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -44,7 +45,7 @@ def check_fit_args(learn: Learner, n_epochs: int, train: bool, valid: bool, lr: 
         if dl is None:
             raise ValueError(f"fit: dls has no `{phase}` loader ({type(learn.dls).__name__}); "
                              f"pass nanofit.DataLoaders(train_dl, valid_dl) or fit({phase}=False)")
-        if hasattr(dl, "__len__") and len(dl) == 0:
+        if length(dl) == 0:
             raise ValueError(f"fit: dls.{phase} yields no batches (len 0); check the dataset "
                              "size and batch_size/drop_last")
     if train and not any(p.requires_grad for p in learn.model.parameters()):
@@ -115,8 +116,31 @@ def describe(x: Any) -> str:
     return f"a {type(x).__name__}"
 
 
+def model_loss(preds: Any) -> Any:
+    """The loss the model computed (`loss_func=None`): `preds.loss`, or a clear error."""
+    loss = loss_of(preds)
+    if loss is None:
+        raise ValueError(f"loss_func is None, so the loss must come from the model's output "
+                         f"(`.loss`, as a Hugging Face model returns when the batch has "
+                         f"'labels'), but the model returned {describe(preds)}; pass a "
+                         "loss_func, or give the batch labels")
+    return loss
+
+
 def note_loss_error(e: BaseException, learn: Learner) -> None:
     """Add to an error raised by `loss_func` what it got and the usual fix."""
+    if learn.loss_func is None:
+        return  # model_loss says it all
+    if isinstance(learn.batch, dict):
+        hint = ""
+        if loss_of(learn.preds) is not None:
+            hint = ("; the model computed its own loss (preds.loss): pass Learner(..., "
+                    "loss_func=None) to train on it")
+        elif "labels" not in learn.batch:
+            hint = f"; a dict batch's targets are batch['labels'], and it has {list(learn.batch)}"
+        e.add_note(f"loss_func got {describe(learn.preds)} for a dict batch (epoch "
+                   f"{learn.epoch}, batch {learn.iter}){hint}")
+        return
     targets = learn.batch[learn.n_inp:]
     got = ", ".join(describe(t) for t in (learn.preds, *targets))
     e.add_note(f"loss_func got {got} (epoch {learn.epoch}, batch {learn.iter})"

@@ -19,7 +19,7 @@ from .registry import (
     exportable,
 )
 from .state import preserved_loop
-from .torch_utils import eval_mode, preserved_rng, to_device
+from .torch_utils import eval_mode, logits_of, preserved_rng, to_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,9 +43,12 @@ class _Capture(Callback):
         self.losses: list = []
 
     def get_loss(self, learn: Learner) -> None:
-        targets = learn.batch[learn.n_inp:]
+        targets = _targets(learn)
         learn.loss = torch.zeros(())
         if self.with_loss and targets:
+            if learn.loss_func is None:
+                raise ValueError("get_preds(with_loss=True) needs a loss_func that takes "
+                                 "reduction='none'; this learner's model computes its loss")
             try:
                 losses = learn.loss_func(learn.preds, *targets, reduction="none")
                 self.losses.append(losses.detach().cpu())
@@ -54,12 +57,23 @@ class _Capture(Callback):
                                 "reduction='none' (like torch's losses)") from None
 
     def after_batch(self, learn: Learner) -> None:
-        self.preds.append(learn.preds.detach().cpu())
-        targets = learn.batch[learn.n_inp:]
+        self.preds.append(logits_of(learn.preds).detach().cpu())
+        targets = _targets(learn)
         if targets:
             self.targs.append(targets[0].detach().cpu())
         if self.with_input:
-            self.inputs.append(learn.batch[0].detach().cpu())
+            batch = learn.batch
+            x = batch.get("input_ids") if isinstance(batch, dict) else batch[0]
+            if isinstance(x, torch.Tensor):
+                self.inputs.append(x.detach().cpu())
+
+
+def _targets(learn: Learner) -> Any:
+    """The batch's targets: the items after the inputs, or a dict batch's labels."""
+    batch = learn.batch
+    if isinstance(batch, dict):
+        return (batch["labels"],) if "labels" in batch else ()
+    return batch[learn.n_inp:]
 
 
 def get_preds(learn: Learner, dl: Any = None, with_input: bool = False, with_loss: bool = False,

@@ -19,8 +19,9 @@ from . import export as exporting
 from .callback import (
     CANCELS,
     STAGES,
+    CancelEpochException,
     as_cbs,
-    build_handlers,
+    build_tables,
     call_all,
     check_callback,
     describe_loop,
@@ -34,12 +35,15 @@ from .checks import (
     ESCAPED_CANCEL,
     check_fit_args,
     hint_silent_fit,
+    model_loss,
     note_loss_error,
     note_predict_error,
 )
 from .hooks import learner_summary
 from .optim import HPOptimizer, lr_problem, set_hyper, with_hypers
 from .resume import LoopPosition
+from .steps import plan_fit
+from .torch_utils import length
 
 __all__ = ["Learner"]
 
@@ -59,17 +63,27 @@ class Learner:
     # after the fit; grad_scaler is cleared by MixedPrecision at cleanup_fit.
     SHARED = ("metrics", "recorder", "grad_scaler", "accumulating")
 
-    def __init__(self, model: nn.Module, dls: Any = None, loss_func: Callable = F.mse_loss,
+    # `learn.step` is the loop's count of training batches (see __init__); the class's `step`
+    # method below stays the loop's default optimizer step, found on the class by the dispatch
+    # tables (a subclass or a callback may replace it). Call `learn.opt.step()` to step by hand.
+    step: int
+
+    def __init__(self, model: nn.Module, dls: Any = None, loss_func: Callable | None = F.mse_loss,
                  lr: float | Sequence[float] = 0.1, cbs: Iterable[Any] | None = None,
                  opt_func: Callable | None = torch.optim.SGD, n_inp: int = 1,
                  splitter: Callable[[nn.Module], list] | None = None) -> None:
-        self.model, self.dls, self.loss_func, self.lr = model, dls, loss_func, lr
+        self.model, self.dls, self.lr = model, dls, lr
+        self.loss_func: Any = loss_func  # None: the model computes the loss (preds.loss)
         self.opt_func, self.n_inp, self.splitter = opt_func, n_inp, splitter
         self.opt = None
         self.cbs: list[Any] = []
         # The loop's state: callbacks read and write it.
         self.n_epochs, self.epoch, self.iter, self.n_iter = 0, 0, 0, 0
         self.epochs = range(0)  # range(n_epochs) in a fit, as the course's callbacks read it
+        # Training batches done in this fit (before the current one, during a batch), the
+        # fit's total (None: unknown), and whether it counts steps (fit(steps=...)).
+        self.step, self.by_steps = 0, False
+        self.total_steps: int | None = None
         self.dl: Any = None
         self.batch: Any = None
         self.preds: Any = None
@@ -86,6 +100,7 @@ class Learner:
         self.vocab: list[str] | None = None
         self.item_ndim: int | None = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
+        self._due = -1  # the next training step where an every(n) method runs
         for cb in as_cbs(cbs):
             self.add_cb(cb)
         self.refresh_cbs()
@@ -110,7 +125,9 @@ class Learner:
     def refresh_cbs(self) -> None:
         """Rebuild the tables the loop dispatches from (after changing `learn.cbs` by hand;
         add_cb, rm_cb and fit do it themselves). Never per batch."""
-        self._handlers = build_handlers(self.cbs, type(self))
+        self._tables = build_tables(self.cbs, type(self))
+        self._handlers = self._tables.base
+        self._due = self._tables.next_due(self.step)
 
     def callback(self, event: str) -> None:
         """Run every callback's `event` method, in order, passing the learner."""
@@ -128,34 +145,40 @@ class Learner:
     def show_training_loop(self) -> None:
         """Print the callbacks with their orders, then, for each event, what runs there."""
         self.refresh_cbs()
-        print(describe_loop(self._handlers, self.cbs))
+        print(describe_loop(self._tables.full, self.cbs))
 
     # ---- the loop ---------------------------------------------------------------------------
-    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
+    def fit(self, n_epochs: int | None = None, train: bool = True, valid: bool = True,
             cbs: Iterable[Any] | None = None, lr: float | Sequence[float] | None = None,
-            resume: str | None = None) -> None:
-        """Train for `n_epochs`, each a training phase then a validation phase.
+            resume: str | None = None, *, steps: int | None = None,
+            valid_every: int | None = None) -> None:
+        """Train for `n_epochs` (default 1), each a training phase then a validation phase;
+        or for `steps` training batches, drawn from as many passes over `dls.train` as needed.
 
-        `cbs` are added for this call only; `lr` sets the optimizer's learning rate. `resume`
-        (a checkpoint file, or a folder: its newest) continues an interrupted run exactly
-        where its checkpoint was taken, as if it had never stopped.
+        `valid_every=K` validates after every K training batches: a round of K batches and a
+        validation is then an epoch stage for the callbacks (without it a step fit validates
+        once, at the end). `cbs` are added for this call only; `lr` sets the optimizer's
+        learning rate. `resume` (a checkpoint file, or a folder: its newest) continues an
+        interrupted run exactly where its checkpoint was taken, as if it had never stopped.
         """
         extra = as_cbs(cbs)
-        check_fit_args(self, n_epochs, train, valid, lr, extra)
-        ckpt = None if resume is None else checkpoint.read_for_resume(resume, self, n_epochs)
+        plan = plan_fit(getattr(self.dls, "train", None), n_epochs, steps, valid_every)
+        check_fit_args(self, plan.n_epochs, train, valid, lr, extra)
+        ckpt = None if resume is None else checkpoint.read_for_resume(resume, self, plan)
         self.cbs.extend(extra)
         try:
-            self.refresh_cbs()  # also picks up callbacks appended to learn.cbs directly
             if lr is not None:
                 self.lr = lr
             self._prepare_opt(lr, train)
-            self.n_epochs, self.epochs = n_epochs, range(n_epochs)
+            self.n_epochs, self.epochs = plan.n_epochs, range(plan.n_epochs)
+            self.step, self.total_steps, self.by_steps = 0, plan.total_steps, plan.by_steps
             self.run_train = train
             self.run_valid = valid and getattr(self.dls, "valid", None) is not None
             self.metrics = self.recorder = self.grad_scaler = None
             self.accumulating = False
+            self.position.start_fit(plan)
+            self.refresh_cbs()  # also picks up callbacks appended to learn.cbs directly
             hint_silent_fit(self)
-            self.position.start_fit()
             with warnings.catch_warnings():  # torch only warns when an element-wise loss
                 # broadcasts preds (64, 1) against targets (64,): an error at the first batch
                 warnings.filterwarnings("error", "Using a target size", UserWarning)
@@ -170,6 +193,7 @@ class Learner:
 
     def _do_fit(self, train: bool, valid: bool, ckpt: dict | None) -> None:
         first_epoch, first_batch, train_done = self.position.resume(self, ckpt)
+        self._due = self._tables.next_due(self.step)  # a resumed fit's steps count on
         # learn.epochs itself, unless resuming: a course ProgressCB wraps it in a progress bar
         epochs = self.epochs if first_epoch == 0 else range(first_epoch, self.n_epochs)
         for self.epoch in epochs:
@@ -179,20 +203,56 @@ class Learner:
             if valid:
                 with torch.no_grad():
                     self.one_epoch(False)
+            if self.position.ran_dry:  # a stream that ended before the steps were done
+                break
 
     def one_epoch(self, train: bool, start: int = 0) -> None:
         """Run one phase (training or validation) over `dls.train` or `dls.valid`, from batch
-        `start` (a resumed epoch)."""
+        `start` (a resumed epoch); in a step fit, the training phase is the round's batches."""
         self.model.train(train)
         self.dl = self.dls.train if train else self.dls.valid
-        self.n_iter = len(self.dl) if hasattr(self.dl, "__len__") else 0
+        if train and self.by_steps:  # the round ends at a multiple of valid_every
+            self.n_iter = self.position.plan.round_end(self.epoch) - self.step + start
+        else:
+            self.n_iter = length(self.dl) or 0
         self.iter = start - 1
         batches = self.position.batches(self, train, start)
-        self._with_events("epoch", lambda: self._do_epoch(batches, start))
+        body = self._train_batches if train else self._valid_batches
+        self._with_events("epoch", lambda: body(batches, start))
 
-    def _do_epoch(self, batches: Iterator[Any], start: int) -> None:
+    def _train_batches(self, batches: Iterator[Any], start: int) -> None:
         for self.iter, self.batch in enumerate(batches, start):
+            try:
+                if self.step == self._due:  # an every(n) method runs on this batch
+                    self._due_batch(self.step, True)
+                else:
+                    self._with_events("batch", self._do_batch)
+            finally:
+                self.step += 1
+
+    def _valid_batches(self, batches: Iterator[Any], start: int) -> None:
+        due = self._tables.next_due(0, train=False)
+        try:
+            for self.iter, self.batch in enumerate(batches, start):
+                if self.iter == due:
+                    due = self._due_batch(self.iter, False)
+                else:
+                    self._with_events("batch", self._do_batch)
+        except CancelEpochException:  # stops validation early: after_epoch still computes
+            self.position.phase_done = True  # the metrics over the batches seen so far
+
+    def _due_batch(self, index: int, train: bool) -> int:
+        """Run a batch with the dispatch table that includes the every(n) methods due on it;
+        return the next batch index where some are due."""
+        self._handlers = self._tables.at(index, train)
+        try:
             self._with_events("batch", self._do_batch)
+        finally:
+            self._handlers = self._tables.base  # rebuilt if a callback changed the callbacks
+            nxt = self._tables.next_due(index + 1, train)
+            if train:
+                self._due = nxt
+        return nxt
 
     def _do_batch(self) -> None:
         run = self.callback
@@ -234,19 +294,31 @@ class Learner:
     def predict(self, x: Any = None, act: Callable | None = None) -> Any:
         """Two uses, told apart by `x`:
         - the loop's step, `predict()` (miniai's): preds = model(*inputs), the inputs being
-          the first `n_inp` batch items. Callbacks and subclasses replace this one.
+          the first `n_inp` batch items; a dict batch goes in as keyword arguments,
+          model(**batch) (a Hugging Face model). Callbacks and subclasses replace this one.
         - inference, `learn.predict(x)` (fastai's): `nanofit.inference.predict`, the prediction
           for one item or a batch, in eval mode with the validation transforms; `act` (e.g.
           softmax) is applied to it."""
         if x is None:
-            self.preds = self.model(*self.batch[: self.n_inp])
+            batch = self.batch
+            if isinstance(batch, dict):
+                self.preds = self.model(**batch)
+            else:
+                self.preds = self.model(*batch[: self.n_inp])
             return None
         return inference.predict(self, x, act)
 
     def get_loss(self) -> None:
-        """loss = loss_func(preds, *targets), the targets being the rest of the batch."""
+        """loss = loss_func(preds, *targets), the targets being the rest of the batch. With
+        `loss_func=None` the loss is the one the model computed (`preds.loss`, a Hugging Face
+        model given labels); a dict batch's target is `batch["labels"]`."""
         try:
-            self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
+            if self.loss_func is None:
+                self.loss = model_loss(self.preds)
+            elif isinstance(self.batch, dict):
+                self.loss = self.loss_func(self.preds, self.batch["labels"])
+            else:
+                self.loss = self.loss_func(self.preds, *self.batch[self.n_inp:])
         except Exception as e:
             note_loss_error(e, self)  # what it got, and the usual fix
             raise
@@ -255,8 +327,9 @@ class Learner:
         """loss.backward()"""
         self.loss.backward()
 
-    def step(self) -> None:
-        """opt.step()"""
+    def step(self) -> None:  # type: ignore[no-redef]  # the method; learn.step is the count
+        """opt.step(): the loop's default step (the class's method; `learn.step` on a learner
+        is the number of training batches done)."""
         if self.opt is None:
             raise RuntimeError("step: the learner has no optimizer; pass opt_func= to Learner "
                                "or replace `step` in a callback")

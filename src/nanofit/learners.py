@@ -34,7 +34,7 @@ class TrainLearner(Learner):
     def backward(self) -> None:
         self.loss.backward()
 
-    def step(self) -> None:
+    def step(self) -> None:  # type: ignore[override]  # the step method, not the count
         assert self.opt is not None, "pass opt_func= to the learner"
         self.opt.step()
 

@@ -59,7 +59,7 @@ def plot_loss(train_losses: Sequence[float], valid_losses: Sequence[tuple[int, f
         ax.plot(steps, smooth_ema(train_losses, smooth), color="tab:blue", label="train (smoothed)")
     if valid_losses:
         xs, ys = zip(*valid_losses)
-        ax.plot(xs, ys, "o-", color="tab:orange", label="valid (per epoch)")
+        ax.plot(xs, ys, "o-", color="tab:orange", label="valid")
     ax.set_xlabel("training batches")
     ax.set_ylabel("loss")
     if train_losses or valid_losses:
@@ -68,16 +68,18 @@ def plot_loss(train_losses: Sequence[float], valid_losses: Sequence[tuple[int, f
 
 
 def plot_history(history: Sequence[dict], path: str | Path | None = None,
-                 show: bool = True) -> Figure:
-    """Training and validation loss per epoch from MetricsCB records (`show` as in plot_loss)."""
+                 show: bool = True, by_steps: bool = False) -> Figure:
+    """Training and validation loss per epoch from MetricsCB records (`show` as in plot_loss);
+    `by_steps`: against the training steps done (a step fit's rounds)."""
     fig = new_figure(figsize=(6, 4), show=show)
     ax = fig.add_subplot()
+    x = "step" if by_steps else "epoch"
     for phase, label, color in (("train", "train", "tab:blue"), ("eval", "valid", "tab:orange")):
-        points = [(r["epoch"], r["loss"]) for r in history if r["train"] == phase]
+        points = [(r[x], r["loss"]) for r in history if r["train"] == phase and x in r]
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, "o-", color=color, label=label)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("training steps" if by_steps else "epoch")
     ax.set_ylabel("loss")
     if history:
         ax.legend()

@@ -16,7 +16,7 @@ __all__ = ["preserve_state", "preserved_loop", "removed_cbs",
            "get_rng_state", "set_rng_state", "loader_generators"]
 
 LOOP_STATE = ("lr", "n_epochs", "epochs", "epoch", "iter", "n_iter", "dl", "batch", "preds",
-              "loss", "run_train", "run_valid")
+              "loss", "run_train", "run_valid", "step", "total_steps", "by_steps")
 
 
 @contextmanager

@@ -60,8 +60,8 @@ def _compare(a: Any, b: Any, where: str) -> list[str]:
     return [] if same else [f"{where} ({a!r} vs {b!r})"]
 
 
-def assert_resumable(make_learner: Callable[[], Any], n_epochs: int, stop_at: Sequence[int],
-                     fit: str = "fit", **fit_kwargs: Any) -> None:
+def assert_resumable(make_learner: Callable[[], Any], n_epochs: int | None,
+                     stop_at: Sequence[int], fit: str = "fit", **fit_kwargs: Any) -> None:
     """Check that training resumed from a checkpoint ends bit for bit where an uninterrupted
     run ends.
 
@@ -70,7 +70,8 @@ def assert_resumable(make_learner: Callable[[], Any], n_epochs: int, stop_at: Se
     stopped right after a CheckpointCB saved that batch, a fresh learner resumes from the
     file, and the final
     weights, optimizer state and callback states are compared with the uninterrupted run.
-    `fit` names the method (e.g. "fit_one_cycle"); `fit_kwargs` go to it.
+    `fit` names the method (e.g. "fit_one_cycle"); `fit_kwargs` go to it. For a step fit
+    pass `n_epochs=None` and `steps=N` (and `valid_every=K`) in `fit_kwargs`.
     Raises AssertionError naming what differs.
     """
     if "cbs" in fit_kwargs:

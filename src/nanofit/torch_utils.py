@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 __all__ = ["def_device", "to_device", "to_cpu", "eval_mode", "get_rng_state", "set_rng_state",
-           "loader_generators", "preserved_rng", "set_seed", "clean_mem"]
+           "loader_generators", "preserved_rng", "set_seed", "clean_mem", "loss_of", "logits_of",
+           "length"]
 
 
 def _default_device() -> torch.device:
@@ -223,3 +224,37 @@ def clean_mem() -> None:
         torch.cuda.empty_cache()
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         torch.mps.empty_cache()
+
+
+# ---- model outputs that are not a plain tensor (Hugging Face ModelOutput, dicts) -------------
+def _field(output: Any, name: str) -> Any:
+    """`output.name` or `output[name]` (a ModelOutput has both), else None."""
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        try:
+            return output[name]
+        except (KeyError, TypeError, IndexError):
+            return None
+    return getattr(output, name, None)
+
+
+def loss_of(output: Any) -> Any:
+    """The loss a model computed itself: `output.loss` / `output["loss"]`, else None."""
+    return None if isinstance(output, torch.Tensor) else _field(output, "loss")
+
+
+def logits_of(output: Any) -> Any:
+    """The predictions in a model's output: the output itself, or its `logits` when it has
+    them (a `transformers` ModelOutput, a dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = _field(output, "logits")
+    return output if logits is None else logits
+
+
+def length(obj: Any) -> int | None:
+    """len(obj), or None when it has none (a torch DataLoader over an IterableDataset without
+    `__len__` has the method but raises TypeError)."""
+    try:
+        return len(obj)
+    except TypeError:
+        return None

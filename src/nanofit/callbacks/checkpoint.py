@@ -104,8 +104,8 @@ class CheckpointCB(Callback):
             if _CTRL_C.saved_by_all(self):
                 raise KeyboardInterrupt(f"interrupted; checkpoint saved to {self.saved[-1]}")
             return
-        n = self.every_n_batches
-        if n and learn.training and (learn.iter + 1) % n == 0:
+        n = self.every_n_batches  # counted over the fit's training batches (learn.step)
+        if n and learn.training and (learn.step + 1) % n == 0:
             self.save(learn)
 
     def after_epoch(self, learn: Learner) -> None:

@@ -106,12 +106,6 @@ class DDPCB(Callback):
                         "torch DataLoader over a map-style dataset (or shard it yourself and "
                         "leave DDPCB out of the loaders by giving each rank its own data)")
 
-    def before_epoch(self, learn: Learner) -> None:
-        if self.active and learn.training:
-            target = getattr(learn.dl, "sampler", learn.dl)
-            if hasattr(target, "set_epoch"):
-                target.set_epoch(learn.epoch)
-
     def cleanup_fit(self, learn: Learner) -> None:
         if self.active:
             if isinstance(learn.model, DistributedDataParallel):

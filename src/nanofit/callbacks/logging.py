@@ -91,9 +91,10 @@ class TensorBoardCB(Callback):
             self._write_losses()
         metrics = learn.metrics
         if _epoch_done(learn) and metrics is not None:
+            at = learn.step if learn.by_steps else learn.epoch  # the x axis: steps or epochs
             for key, value in metrics.epoch_row(learn.epoch).items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key.replace("_", "/", 1), value, learn.epoch)
+                if key not in ("epoch", "step") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, at)
             self._histograms(learn)
             self.writer.flush()
 
@@ -123,7 +124,7 @@ class TensorBoardCB(Callback):
                 f"activations/{name}", min=lo, max=hi, num=total,
                 sum=float((counts * centres).sum()), sum_squares=float((counts * centres**2).sum()),
                 bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
-                global_step=learn.epoch)
+                global_step=learn.step if learn.by_steps else learn.epoch)
 
     def cleanup_fit(self, learn: Learner) -> None:
         # closing stops the writer's thread; the next fit opens a new writer

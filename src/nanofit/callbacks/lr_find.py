@@ -13,6 +13,7 @@ from ..checks import check_fit_args
 from ..optim import set_hyper
 from ..plots import plot_lr_find, show_or_save
 from ..state import preserve_state
+from ..torch_utils import length
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -296,18 +297,17 @@ def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float | None = None,
     `main_fit_only` (schedules, metrics, loggers...) sit it out. The curve is in
     `learn.lr_finder`; `plot` shows it in a notebook, else saves it to `plot_path`."""
     check_fit_args(learn, 1, True, False, None)
-    sized = hasattr(learn.dls.train, "__len__")
-    n_batches = len(learn.dls.train) if sized else 1
+    n_batches = length(learn.dls.train)
     if max_epochs is not None:
-        if not sized:
+        if n_batches is None:
             raise ValueError("lr_find(max_epochs=...) needs a training loader with a length; "
                              "give num_it (training batches) instead")
         num_it = max_epochs * n_batches
     finder = LRFinderCB(start_lr, end_lr, num_it, stop_div, gamma=gamma, max_mult=max_mult)
-    # Enough epochs to reach num_it batches; the finder cancels the fit when done.
+    # num_it batches, from as many passes as needed; the finder may cancel the fit earlier.
     sitting_out = [cb for cb in learn.cbs if not runs_in(cb, "lr_find")]
     with preserve_state(learn), learn.removed_cbs(sitting_out):
-        learn.fit(math.ceil(num_it / n_batches), valid=False, cbs=[finder])
+        learn.fit(steps=num_it, valid=False, cbs=[finder])
     learn.lr_finder = finder
     suggestions = finder.suggest(suggest)
     if plot:

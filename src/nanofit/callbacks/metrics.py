@@ -13,6 +13,7 @@ from ..callback import Callback, Order
 from ..distributed import is_distributed
 from ..optim import groups, hyper_access, supported_hypers
 from ..plots import plot_loss, plot_sched
+from ..torch_utils import logits_of
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -84,8 +85,13 @@ class MetricsCB(Callback):
     """Computes metrics and the batch-size-weighted mean loss for every epoch phase.
 
     Metrics are torchmetrics objects, or anything with `update(preds, targ)`, `compute()` and
-    `reset()`. After each phase a record `{'epoch', 'train': 'train'|'eval', 'loss', <name>...}`
-    is appended to `history`; the learner gets `learn.metrics = self`.
+    `reset()`. After each phase a record `{'epoch', 'step', 'train': 'train'|'eval', 'loss',
+    <name>...}` is appended to `history` (`step`: training batches done in the fit); the learner
+    gets `learn.metrics = self`.
+
+    Targets are `batch[n_inp]`; for a dict batch, `batch[target]` (default "labels", the Hugging
+    Face name). Predictions are `learn.preds`, or their `logits` when the model returns an
+    output with logits (a `transformers` ModelOutput, a dict): `MetricsCB(acc, target="labels")`.
 
     Per batch this only keeps references to the detached predictions, targets and loss: they are
     concatenated and given to each metric's `update` once every `update_every` batches (or when
@@ -100,7 +106,7 @@ class MetricsCB(Callback):
     main_fit_only = True
 
     def __init__(self, *ms: Any, update_every: int = 64, max_buffered: int = 2**24,
-                 **metrics: Any) -> None:
+                 target: str | int | None = None, **metrics: Any) -> None:
         for m in ms:
             metrics[type(m).__name__] = m
         for name, m in metrics.items():
@@ -113,12 +119,14 @@ class MetricsCB(Callback):
                 raise TypeError(f"MetricsCB: metric {name!r} ({type(m).__name__}) has no "
                                 f"{', '.join(missing)} method; use a torchmetrics metric or an "
                                 "object with update(preds, targ), compute() and reset()")
-        if "loss" in metrics or "epoch" in metrics or "train" in metrics:
-            raise ValueError("MetricsCB: 'loss', 'epoch' and 'train' are record keys; "
+        if {"loss", "epoch", "step", "train"} & set(metrics):
+            raise ValueError("MetricsCB: 'loss', 'epoch', 'step' and 'train' are record keys; "
                              "name the metric differently")
         if update_every < 1:
             raise ValueError(f"MetricsCB: update_every must be >= 1, got {update_every}")
         self.metrics: dict[str, Any] = metrics
+        self.target = target
+        self.by_steps = False  # set at before_fit: records of a step fit show the step
         self.update_every = update_every
         self.max_buffered = max_buffered
         self.history: list[dict[str, Any]] = []
@@ -141,6 +149,7 @@ class MetricsCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         learn.metrics = self
+        self.by_steps = learn.by_steps  # rows carry the step (fit(steps=...))
         self._checked = False
         self._fit_start = len(self.history)
 
@@ -151,15 +160,24 @@ class MetricsCB(Callback):
         self._reset_totals()
 
     def after_batch(self, learn: Learner) -> None:
+        batch = learn.batch
+        key = self.target if self.target is not None else (
+            "labels" if isinstance(batch, dict) else learn.n_inp)
         try:
-            targ = learn.batch[learn.n_inp]
+            targ = batch[key]
         except (IndexError, KeyError, TypeError):
-            raise ValueError(f"MetricsCB needs the targets at batch[{learn.n_inp}] (after the "
+            if isinstance(batch, dict):
+                raise ValueError(f"MetricsCB needs the targets at batch[{key!r}], but the dict "
+                                 f"batch has the keys {list(batch)}; name them with "
+                                 "MetricsCB(..., target='<key>')") from None
+            raise ValueError(f"MetricsCB needs the targets at batch[{key}] (after the "
                              f"n_inp={learn.n_inp} inputs), but the batch is "
-                             f"{type(learn.batch).__name__} of length "
-                             f"{len(learn.batch) if hasattr(learn.batch, '__len__') else '?'}; "
+                             f"{type(batch).__name__} of length "
+                             f"{len(batch) if hasattr(batch, '__len__') else '?'}; "
                              "set Learner(n_inp=...) or yield (inputs..., targets)") from None
         preds = learn.preds
+        if not isinstance(preds, torch.Tensor):
+            preds = logits_of(preds)
         if isinstance(preds, torch.Tensor):
             preds = preds.detach()
             self._buffered += preds.numel()
@@ -229,7 +247,8 @@ class MetricsCB(Callback):
         return loss_sum / n if n else float("nan")
 
     def after_epoch(self, learn: Learner) -> None:
-        record = {"epoch": learn.epoch, "train": "train" if learn.training else "eval"}
+        record = {"epoch": learn.epoch, "step": learn.step,
+                  "train": "train" if learn.training else "eval"}
         record.update(self.compute())
         if is_distributed():
             _check_same_keys(record)
@@ -251,7 +270,8 @@ class MetricsCB(Callback):
 
     def epoch_row(self, epoch: int) -> dict[str, Any]:
         """The latest records of `epoch` as one row, {'epoch', 'train_loss', ..., 'valid_loss',
-        ...}: the format of the progress table, CSVLogger and TensorBoardCB."""
+        ...} ('step' after 'epoch' in a step fit): the format of the progress table, CSVLogger
+        and TensorBoardCB."""
         row: dict[str, Any] = {"epoch": epoch}
         latest: list[dict[str, Any]] = []
         for record in reversed(self.history[self._fit_start:]):  # this fit's, not older ones
@@ -260,8 +280,10 @@ class MetricsCB(Callback):
             latest.insert(0, record)
         for record in latest:
             prefix = "train" if record["train"] == "train" else "valid"
+            if self.by_steps and "step" in record:
+                row["step"] = record["step"]
             row.update({f"{prefix}_{k}": v for k, v in record.items()
-                        if k not in ("epoch", "train")})
+                        if k not in ("epoch", "step", "train")})
         return row
 
     def state_dict(self) -> dict[str, Any]:

@@ -54,8 +54,8 @@ def _in_table_order(columns: list[str], learn: Learner) -> list[str]:
 
     def key(column: str) -> tuple[int, int]:
         phase, _, name = column.partition("_")
-        if column in ("epoch", "time"):
-            return (0 if column == "epoch" else 3, 0)
+        if column in ("epoch", "step", "time"):
+            return (0 if column != "time" else 3, 0)
         if phase in ("train", "valid"):
             return (1 if phase == "train" else 2,
                     names.index(name) if name in names else len(names))
@@ -217,19 +217,22 @@ class ProgressCB(Callback):
         if not is_rank0():  # under torch.distributed only rank 0 shows progress
             self.mode, self.out = "plain", io.StringIO()
         self.rows, self._columns, self._row, self._display = [], None, None, None
+        self._row_epoch = -1
         self._row_done = False
         self._said_where = False
         self._view = _NotebookView(self.refresh) if self.mode == "notebook" else None
         if self.mode != "plain":
-            self._epoch_bar = self._tqdm(total=learn.n_epochs, desc="epochs", leave=True)
+            self._epoch_bar = self._tqdm(total=learn.n_epochs,
+                                         desc="rounds" if learn.by_steps else "epochs", leave=True)
 
     def before_epoch(self, learn: Learner) -> None:
-        if self._row is None or self._row["epoch"] != learn.epoch:
+        if self._row is None or self._row_epoch != learn.epoch:
             self._finish_row(learn)
             bar = self._epoch_bar
             if bar is not None and bar.n < learn.epoch:  # a resumed fit starts past epoch 0
                 bar.update(learn.epoch - bar.n)
-            self._row = {"epoch": learn.epoch}
+            self._row_epoch = learn.epoch
+            self._row = {} if learn.by_steps else {"epoch": learn.epoch}  # step: at its end
             self._row_done = False
             self._t0 = time.monotonic()
         self._track = learn.metrics is None  # no MetricsCB: the loss is summed here
@@ -271,8 +274,13 @@ class ProgressCB(Callback):
         if self._row is None:
             return
         self._row_done = True
+        if learn.by_steps:  # a step fit's rows: the steps done when the round ended
+            self._row["step"] = learn.step
         if learn.metrics is not None and learn.metrics.history:
-            self._row.update(learn.metrics.epoch_row(learn.epoch))
+            row = learn.metrics.epoch_row(learn.epoch)
+            if learn.by_steps:
+                del row["epoch"]
+            self._row.update(row)
         elif self._track and self._loss_sum is not None:  # the one read of the phase's loss
             phase = "train" if learn.training else "valid"
             self._row[f"{phase}_loss"] = (self._loss_sum / self._loss_n).item()
@@ -333,7 +341,7 @@ class ProgressCB(Callback):
         if learn.recorder is not None:
             fig = learn.recorder.plot_loss(show=False)  # every training batch
         else:  # epochs only: add a Recorder for every batch
-            fig = plot_history(self._history(learn), show=False)
+            fig = plot_history(self._history(learn), show=False, by_steps=learn.by_steps)
         if self.mode != "notebook":
             path = self.plot_path if self.plot_path is not None else "loss.png"
             fig.savefig(path, dpi=100, bbox_inches="tight")
@@ -353,6 +361,6 @@ class ProgressCB(Callback):
         """MetricsCB's records, or the same records made from this fit's rows without one."""
         if learn.metrics is not None:
             return learn.metrics.history
-        return [{"epoch": row["epoch"], "train": "train" if phase == "train" else "eval",
-                 "loss": row[f"{phase}_loss"]}
+        return [{"epoch": row.get("epoch"), "step": row.get("step"),
+                 "train": "train" if phase == "train" else "eval", "loss": row[f"{phase}_loss"]}
                 for row in self.rows for phase in ("train", "valid") if f"{phase}_loss" in row]

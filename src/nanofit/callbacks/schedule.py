@@ -21,9 +21,9 @@ __all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB", "fit_one_cycle", "f
 class ParamScheduler(Callback):
     """Sets hyper-parameters (lr, mom, wd, beta) from schedules before each training batch.
 
-    Each schedule is a function of `pct_train = (epoch + iter / len(dl)) / n_epochs`, or a list
-    of such functions, one per param group. Validation batches do not advance it, and a fit
-    without training (`fit(train=False)`) leaves the optimizer alone.
+    Each schedule is a function of training progress, `learn.step / learn.total_steps` (0 at
+    the first batch), or a list of such functions, one per param group. Validation batches do
+    not advance it, and a fit without training (`fit(train=False)`) leaves the optimizer alone.
     Example: `ParamScheduler(lr=sched_cos(1e-2, 1e-5), mom=sched_no(0.9, 0.9))`
     """
 
@@ -51,9 +51,10 @@ class ParamScheduler(Callback):
         if learn.opt is None:
             raise ValueError("ParamScheduler needs an optimizer: it schedules learn.opt's "
                              "hyper-parameters; pass opt_func= to the Learner")
-        if not hasattr(learn.dls.train, "__len__"):
-            raise ValueError("ParamScheduler needs a training loader with a length (len(dl)) "
-                             "to know how far through training each batch is")
+        if not learn.total_steps:
+            raise ValueError(f"ParamScheduler needs to know how many training batches the fit "
+                             f"runs, but dls.train ({type(learn.dls.train).__name__}) has no "
+                             "length: pass fit(steps=N) (or fit_one_cycle(steps=N, ...))")
         n_groups = len(groups(learn.opt))
         plan = []  # (one schedule or a list per group, put), resolved once, not per batch
         for name, sched in self.scheds.items():
@@ -68,7 +69,7 @@ class ParamScheduler(Callback):
         if not learn.training:
             return
         assert learn.opt is not None and self._plan is not None  # resolved at before_epoch
-        pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
+        pos = learn.step / learn.total_steps  # type: ignore[operator]  # checked at before_fit
         dicts = groups(learn.opt)  # param groups, or a hand-written optimizer's fields
         for sched, put in self._plan:
             if isinstance(sched, (list, tuple)):
@@ -170,19 +171,21 @@ class EpochSchedCB(_TorchSchedCB):
         if record["train"] == "eval":
             if self.monitor not in record:
                 raise ValueError(f"EpochSchedCB: monitor={self.monitor!r} is not among the "
-                                 f"metrics {[k for k in record if k not in ('epoch', 'train')]}")
+                                 f"metrics {[k for k in record if k not in ('epoch', 'step', 'train')]}")
             self.scheduler.step(record[self.monitor])
 
 
-def fit_one_cycle(learn: Learner, n_epochs: int, lr_max: Any = None, div: float = 25.0,
-                  div_final: float = 1e5, pct_start: float = 0.25,
+def fit_one_cycle(learn: Learner, n_epochs: int | None = None, lr_max: Any = None,
+                  div: float = 25.0, div_final: float = 1e5, pct_start: float = 0.25,
                   moms: Sequence[float] | None = (0.95, 0.85, 0.95), wd: float | None = None,
-                  cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
-    """`learn.fit_one_cycle(n_epochs, lr_max)`: fit with the 1cycle policy: the lr warms up
-    from lr_max/div to lr_max (cosine) over `pct_start` of training, then anneals to
-    lr_max/div_final; momentum (when the optimizer uses it) moves inversely through `moms`.
-    `lr_max` (default: `learn.lr`) may be a list, one per param group; `wd` sets weight decay;
-    `cbs` and `resume` as in `fit`."""
+                  cbs: Iterable[Any] | None = None, resume: str | None = None, *,
+                  steps: int | None = None, valid_every: int | None = None) -> None:
+    """`learn.fit_one_cycle(n_epochs, lr_max)` or `learn.fit_one_cycle(steps=N, lr_max=...)`:
+    fit with the 1cycle policy: the lr warms up from lr_max/div to lr_max (cosine) over
+    `pct_start` of training, then anneals to lr_max/div_final; momentum (when the optimizer
+    uses it) moves inversely through `moms`. `lr_max` (default: `learn.lr`) may be a list, one
+    per param group; `wd` sets weight decay; `cbs`, `resume`, `steps` and `valid_every` as in
+    `fit`."""
     lr_max = learn.lr if lr_max is None else lr_max
     check_lr(lr_max, "fit_one_cycle")
     lrs = list(lr_max) if isinstance(lr_max, (list, tuple)) else [lr_max]
@@ -190,19 +193,23 @@ def fit_one_cycle(learn: Learner, n_epochs: int, lr_max: Any = None, div: float 
     scheds: dict[str, Any] = {"lr": [s["lr"] for s in per_group]}
     if "mom" in per_group[0]:
         scheds["mom"] = per_group[0]["mom"]
-    _fit_scheduled(learn, n_epochs, scheds, wd, cbs, resume)
+    _fit_scheduled(learn, scheds, wd, cbs, resume, n_epochs=n_epochs, steps=steps,
+                   valid_every=valid_every)
 
 
-def fit_flat_cos(learn: Learner, n_epochs: int, lr: Any = None, div_final: float = 1e5,
-                 pct_start: float = 0.75, wd: float | None = None,
-                 cbs: Iterable[Any] | None = None, resume: str | None = None) -> None:
-    """`learn.fit_flat_cos(n_epochs, lr)`: fit at a flat lr for `pct_start` of training, then
-    anneal it to lr/div_final (cosine); `cbs` and `resume` as in `fit`."""
+def fit_flat_cos(learn: Learner, n_epochs: int | None = None, lr: Any = None,
+                 div_final: float = 1e5, pct_start: float = 0.75, wd: float | None = None,
+                 cbs: Iterable[Any] | None = None, resume: str | None = None, *,
+                 steps: int | None = None, valid_every: int | None = None) -> None:
+    """`learn.fit_flat_cos(n_epochs, lr)` (or `steps=N`): fit at a flat lr for `pct_start` of
+    training, then anneal it to lr/div_final (cosine); `cbs`, `resume`, `steps` and
+    `valid_every` as in `fit`."""
     lr = learn.lr if lr is None else lr
     check_lr(lr, "fit_flat_cos")
     lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr]
     scheds = {"lr": [flat_cos_scheds(v, div_final, pct_start)["lr"] for v in lrs]}
-    _fit_scheduled(learn, n_epochs, scheds, wd, cbs, resume)
+    _fit_scheduled(learn, scheds, wd, cbs, resume, n_epochs=n_epochs, steps=steps,
+                   valid_every=valid_every)
 
 
 def _uses_momentum(opt: Any) -> bool:
@@ -212,8 +219,8 @@ def _uses_momentum(opt: Any) -> bool:
     return any(m > 0 for m in (mom if isinstance(mom, list) else [mom]))
 
 
-def _fit_scheduled(learn: Learner, n_epochs: int, scheds: dict[str, Any], wd: float | None,
-                   cbs: Iterable[Any] | None, resume: str | None) -> None:
+def _fit_scheduled(learn: Learner, scheds: dict[str, Any], wd: float | None,
+                   cbs: Iterable[Any] | None, resume: str | None, **length: Any) -> None:
     if learn.opt is None:
         learn.create_opt()
     if "mom" in scheds and not _uses_momentum(learn.opt):
@@ -226,7 +233,7 @@ def _fit_scheduled(learn: Learner, n_epochs: int, scheds: dict[str, Any], wd: fl
         scheds["lr"] = scheds["lr"][0]  # one schedule for every param group
     if wd is not None:
         scheds["wd"] = sched_no(wd, wd)
-    learn.fit(n_epochs, cbs=[ParamScheduler(**scheds), *(cbs or ())], resume=resume)
+    learn.fit(cbs=[ParamScheduler(**scheds), *(cbs or ())], resume=resume, **length)
 
 
 def fine_tune(learn: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1,
