@@ -95,7 +95,7 @@ def test_a_stream_without_state_resumes_from_a_new_stream_with_a_warning(tmp_pat
 
 def test_resuming_with_another_kind_of_fit_is_refused(tmp_path):
     learn = _learner(_torch_dls)
-    learn.fit(steps=4, cbs=[saver := CheckpointCB(tmp_path, every_n_batches=2)])
+    learn.fit(steps=4, cbs=[CheckpointCB(tmp_path, every_n_batches=2)])
     again = _learner(_torch_dls)
     with pytest.raises(ValueError, match=r"comes from a fit\(steps=4, valid_every=4\) run"):
         again.fit(2, resume=str(tmp_path))

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 __all__ = ["MetricsCB", "Recorder"]
 
 
+# The keys of a MetricsCB record that are not metric values.
+RECORD_KEYS = ("epoch", "step", "train")
+
+
 def _to_python(value: Any) -> Any:
     """A metric's result as plain Python: a float for one number, else a (nested) list.
     Tensors and NumPy values (a hand-written metric's) alike."""

@@ -10,6 +10,7 @@ import torch
 from ..callback import Callback, Order
 from ..optim import HPOptimizer, check_lr, groups, hyper_access, supported_hypers
 from ..schedule import Schedule, flat_cos_scheds, lr_range, one_cycle_scheds, sched_no
+from .metrics import RECORD_KEYS
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -171,7 +172,7 @@ class EpochSchedCB(_TorchSchedCB):
         if record["train"] == "eval":
             if self.monitor not in record:
                 raise ValueError(f"EpochSchedCB: monitor={self.monitor!r} is not among the "
-                                 f"metrics {[k for k in record if k not in ('epoch', 'step', 'train')]}")
+                                 f"metrics {[k for k in record if k not in RECORD_KEYS]}")
             self.scheduler.step(record[self.monitor])
 
 

@@ -16,6 +16,7 @@ from ..callback import Callback, CancelFitException, Order
 from ..checkpoint import FORMAT, VERSION
 from ..distributed import is_distributed, is_rank0, unwrap_model
 from ..files import atomic_save
+from .metrics import RECORD_KEYS
 from .schedule import EpochSchedCB
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ class _Tracker(Callback):
         record = learn.metrics.history[-1]
         if self.monitor not in record:
             raise ValueError(f"{type(self).__name__}: monitor={self.monitor!r} is not among the "
-                             f"metrics {[k for k in record if k not in ('epoch', 'step', 'train')]}")
+                             f"metrics {[k for k in record if k not in RECORD_KEYS]}")
         value = record[self.monitor]
         # lower is better: must beat best - min_delta; higher is better: best + min_delta
         shifted = value + self.min_delta if self.comp(0, 1) else value - self.min_delta
