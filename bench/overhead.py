@@ -5,6 +5,9 @@ MetricsCB(accuracy) and ProgressCB on a tiny MLP (32->64->10, 20,000 training an
 validation samples, batch 64, SGD) over the same in-memory batches. Both compute the same
 numbers (loss and accuracy of each phase, accumulated on the device, read once per phase), so
 only the framework differs. Prints microseconds per batch, medians over repeats, and the ratio.
+Then the same Learner as a step fit (`fit(steps=...)`, the same batches), and that step fit
+with one more callback whose `after_batch` is `@every(1000)`: what step mode and a thinned
+callback cost per batch.
 
     python bench/overhead.py [--repeats 9] [--epochs 1]
 """
@@ -20,7 +23,18 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from nanofit import DataLoaders, DeviceCB, Learner, MetricsCB, ProgressCB
+from nanofit import Callback, DataLoaders, DeviceCB, Learner, MetricsCB, ProgressCB, every
+
+
+class Rare(Callback):
+    """A callback that runs on every 1000th training batch only."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @every(1000)
+    def after_batch(self, learn: Learner) -> None:
+        self.calls += 1
 
 
 def make_batches(n: int, bs: int, gen: torch.Generator) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,6 +114,15 @@ def main() -> None:
                          MetricsCB(accuracy=MulticlassAccuracy(10, average="micro")),
                          ProgressCB(file=sink)])
 
+    def metric_cbs() -> list:
+        return [DeviceCB("cpu"), MetricsCB(accuracy=MulticlassAccuracy(10, average="micro")),
+                ProgressCB(file=sink)]
+
+    steps = Learner(make_model(1), DataLoaders(train, valid), F.cross_entropy, lr=0.1,
+                    cbs=metric_cbs())
+    rare = Learner(make_model(1), DataLoaders(train, valid), F.cross_entropy, lr=0.1,
+                   cbs=[*metric_cbs(), Rare()])
+    n_steps = len(train) * args.epochs
     bare_model = make_model(1)
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=0.1)
     bare = Learner(make_model(1), DataLoaders(train, valid), F.cross_entropy, lr=0.1)
@@ -108,6 +131,8 @@ def main() -> None:
         "nanofit": lambda: learn.fit(args.epochs),
         "bare raw loop": lambda: raw_fit_bare(bare_model, bare_opt, train, valid, args.epochs),
         "bare Learner": lambda: bare.fit(args.epochs),
+        "nanofit steps": lambda: steps.fit(steps=n_steps, valid_every=len(train)),
+        "+ every(1000)": lambda: rare.fit(steps=n_steps, valid_every=len(train)),
     }
     for run in runs.values():  # warm-up: allocator, first-call costs
         run()
@@ -124,6 +149,11 @@ def main() -> None:
            times, "raw loop", "nanofit")
     report("bare (no callbacks vs no metrics): the cost of the loop and its dispatch alone:",
            times, "bare raw loop", "bare Learner")
+    report("step mode: fit(steps=len(train) * epochs) vs fit(epochs), the same batches:",
+           times, "nanofit", "nanofit steps")
+    report("the step fit with one more callback, its after_batch @every(1000):",
+           times, "nanofit steps", "+ every(1000)")
+    report("step mode against the raw loop:", times, "raw loop", "nanofit steps")
 
 if __name__ == "__main__":
     main()

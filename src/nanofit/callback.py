@@ -267,9 +267,11 @@ class HandlerTables:
         self.base = {e: tuple(fn for fn, mk in zip(fns, marks[e]) if mk is None)
                      for e, fns in full.items()}
         self._cache: dict[tuple[tuple[str, int], ...], dict[str, tuple[Callable, ...]]] = {}
-        found = [mk for mks in marks.values() for mk in mks if mk is not None and mk[0]]
-        self._ns = {True: sorted({n for n, _ in found}),
-                    False: sorted({n for n, valid in found if valid})}
+        # (event, index in the event's handlers, n, on validation too) of each every(n) method
+        self._marked = [(e, j, mk[0], mk[1]) for e, mks in marks.items()
+                        for j, mk in enumerate(mks) if mk is not None and mk[0]]
+        self._ns = {True: sorted({n for _, _, n, _ in self._marked}),
+                    False: sorted({n for _, _, n, valid in self._marked if valid})}
 
     def next_due(self, index: int, train: bool = True) -> int:
         """The first batch index >= `index` (0-based) where some `every(n)` method is due
@@ -281,8 +283,8 @@ class HandlerTables:
 
     def at(self, index: int, train: bool = True) -> dict[str, tuple[Callable, ...]]:
         """The table for batch `index` (0-based) of a training (or validation) phase."""
-        due = tuple((e, j) for e, mks in self.marks.items() for j, mk in enumerate(mks)
-                    if mk is not None and mk[0] and (train or mk[1]) and (index + 1) % mk[0] == 0)
+        due = tuple((e, j) for e, j, n, valid in self._marked
+                    if (train or valid) and (index + 1) % n == 0)
         table = self._cache.get(due)
         if table is None:
             table = dict(self.base)

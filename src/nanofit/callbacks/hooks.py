@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..callback import Callback, Order
+from ..callback import Callback, Order, every
 from ..hooks import Hook, HookFunc, Hooks, first_tensor, select_modules
 from ..plots import new_figure, save_figure
 
@@ -105,7 +105,7 @@ class ActivationStats(HooksCallback):
 
     Statistics are computed on the device inside the hook and copied to the CPU in one
     transfer every `sync_every` recorded batches, so hooks add no host sync per batch.
-    `every=n` records one training batch in n. Example: `ActivationStats(nn.ReLU)`,
+    `every=n` records the n-th, 2n-th, ... training batch of the fit (`every(n)`). Example: `ActivationStats(nn.ReLU)`,
     `ActivationStats(lambda m: isinstance(m, GeneralRelu))` or `ActivationStats(mods=[...])`.
 
     Results, in two shapes:
@@ -139,7 +139,6 @@ class ActivationStats(HooksCallback):
         self._chunks: list[list[torch.Tensor]] = []
         self._pending: list[torch.Tensor] = []
         self._pending_mod: list[int] = []
-        self._n_train = 0
         self._index: dict[int, int] = {}
         self._course: dict[int, tuple[list[torch.Tensor], list[torch.Tensor],
                                       list[torch.Tensor]]] = {}
@@ -154,16 +153,13 @@ class ActivationStats(HooksCallback):
         self.names = [f"{names.get(h.module, '?')} ({type(h.module).__name__})" for h in self.hooks]
         self._index = {id(h.module): i for i, h in enumerate(self.hooks)}
         self._chunks = [[] for _ in self.hooks]
-        self._pending, self._pending_mod, self._n_train = [], [], 0
+        self._pending, self._pending_mod, self._active = [], [], False
         self._course = {}
 
+    @every("every")  # the every-th training batches only: the others do not call it
     def before_batch(self, learn: Learner) -> None:
         self._seen: set[int] = set()
-        if learn.training:
-            self._active = self._n_train % self.every == 0
-            self._n_train += 1
-        else:
-            self._active = False
+        self._active = True
 
     def _record(self, hook: Hook, module: nn.Module, inp: tuple, outp: Any) -> None:
         i = self._index[id(module)]
@@ -179,8 +175,10 @@ class ActivationStats(HooksCallback):
         self._pending.append(row)
         self._pending_mod.append(i)
 
-    def after_batch(self, learn: Learner) -> None:
-        if self._active and len(self._pending) >= self.sync_every * len(self._chunks):
+    @every("every")
+    def cleanup_batch(self, learn: Learner) -> None:
+        self._active = False  # also after a cancelled batch
+        if len(self._pending) >= self.sync_every * len(self._chunks):
             self._sync()
 
     def _sync(self) -> None:
