@@ -231,6 +231,13 @@ def test_every_n_runs_on_every_nth_training_batch_of_the_fit_and_on_validation_o
     assert cb.named == [(True, 3), (False, 3), (True, 7), (False, 3), (False, 3)]
 
 
+def test_show_training_loop_says_which_methods_run_every_n_batches(capsys):
+    Learner(make_model(), make_dls(), F.cross_entropy, cbs=[Thinned()]).show_training_loop()
+    out = capsys.readouterr().out
+    assert "after_batch: Thinned.after_batch (every 3)" in out
+    assert "before_batch: Thinned.before_batch (every 4, valid too)" in out
+
+
 def test_every_rejects_what_cannot_work():
     with pytest.raises(ValueError, match="every"):
         every(0)

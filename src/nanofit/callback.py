@@ -206,14 +206,23 @@ def as_cbs(cbs: Any) -> list[Any]:
     return list(cbs)
 
 
-def describe_loop(handlers: dict[str, tuple[Callable, ...]], cbs: Sequence[Any] = ()) -> str:
+def describe_loop(handlers: dict[str, tuple[Callable, ...]], cbs: Sequence[Any] = (),
+                  marks: dict[str, tuple[tuple[int, bool] | None, ...]] | None = None) -> str:
     """The training loop as text: the callbacks `cbs` with their orders, then each event,
-    indented by stage, with what runs there."""
+    indented by stage, with what runs there (`marks`: the every(n) of each handler)."""
     indent = {"fit": 0, "epoch": 2, "batch": 4}
     lines = []
 
+    def name(event: str, j: int, fn: Callable) -> str:
+        mk = (marks or {}).get(event, ())
+        if j < len(mk) and mk[j] is not None:
+            n, valid = mk[j]
+            return f"{where(fn)} (every {n}{', valid too' if valid else ''})" if n else \
+                f"{where(fn)} (never)"
+        return where(fn)
+
     def add(event: str, depth: int) -> None:
-        names = [where(fn) for fn in handlers[event]]
+        names = [name(event, j, fn) for j, fn in enumerate(handlers[event])]
         lines.append(" " * depth + f"{event}: " + (", ".join(names) if names else "-"))
 
     for stage in ("fit", "epoch", "batch"):

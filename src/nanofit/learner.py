@@ -145,7 +145,7 @@ class Learner:
     def show_training_loop(self) -> None:
         """Print the callbacks with their orders, then, for each event, what runs there."""
         self.refresh_cbs()
-        print(describe_loop(self._tables.full, self.cbs))
+        print(describe_loop(self._tables.full, self.cbs, self._tables.marks))
 
     # ---- the loop ---------------------------------------------------------------------------
     def fit(self, n_epochs: int | None = None, train: bool = True, valid: bool = True,
