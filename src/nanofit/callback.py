@@ -214,9 +214,10 @@ def describe_loop(handlers: dict[str, tuple[Callable, ...]], cbs: Sequence[Any] 
     lines = []
 
     def name(event: str, j: int, fn: Callable) -> str:
-        mk = (marks or {}).get(event, ())
-        if j < len(mk) and mk[j] is not None:
-            n, valid = mk[j]
+        mks = (marks or {}).get(event, ())
+        mk = mks[j] if j < len(mks) else None
+        if mk is not None:
+            n, valid = mk
             return f"{where(fn)} (every {n}{', valid too' if valid else ''})" if n else \
                 f"{where(fn)} (never)"
         return where(fn)
