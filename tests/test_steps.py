@@ -286,3 +286,20 @@ def test_an_every_method_that_is_not_due_costs_no_python_call_per_batch():
     _python_calls([], 2)
     extra = [_python_calls([Rare()], n) - _python_calls([], n) for n in (10, 30)]
     assert extra[0] == extra[1]  # what every(1000) costs does not grow with the batches
+
+
+def test_the_progress_table_and_the_csv_log_of_a_step_fit_count_steps(tmp_path):
+    import io
+
+    from nanofit import CSVLogger, ProgressCB
+
+    out = io.StringIO()
+    learn = Learner(make_model(), make_dls(n_train=40, bs=8), F.cross_entropy,
+                    cbs=[MetricsCB(), ProgressCB(file=out), CSVLogger(tmp_path / "log.csv")])
+    learn.fit(steps=7, valid_every=3)
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["step", "train_loss", "valid_loss", "time"]
+    assert [line.split()[0] for line in lines[1:]] == ["3", "6", "7"]
+    csv_rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("epoch,step,train_loss")
+    assert [r.split(",")[1] for r in csv_rows[1:]] == ["3", "6", "7"]
