@@ -303,3 +303,15 @@ def test_the_progress_table_and_the_csv_log_of_a_step_fit_count_steps(tmp_path):
     csv_rows = (tmp_path / "log.csv").read_text().splitlines()
     assert csv_rows[0].startswith("epoch,step,train_loss")
     assert [r.split(",")[1] for r in csv_rows[1:]] == ["3", "6", "7"]
+
+
+def test_every_keeps_its_count_across_a_get_preds_run_inside_the_fit():
+    class PredsMidFit(Callback):
+        def after_batch(self, learn):
+            if learn.training and learn.step == 4:
+                learn.get_preds()  # a fit inside the fit
+
+    learn = Learner(make_model(), make_dls(n_train=40, bs=8), F.cross_entropy,
+                    cbs=[cb := Thinned(), PredsMidFit()])
+    learn.fit(steps=12, valid=False)
+    assert cb.train_steps == [2, 5, 8, 11]

@@ -106,3 +106,18 @@ def test_resuming_with_another_kind_of_fit_is_refused(tmp_path):
         again.fit(steps=6, resume=str(tmp_path))
     assert any("rounds and schedules" in str(w.message) for w in caught)
     assert again.step == 6
+
+
+def test_lr_find_leaves_a_stateful_loader_where_it_was():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    dls_fn = functools.partial(_torch_dls, loader=StatefulDataLoader)
+    alone = _learner(dls_fn)
+    alone.fit(steps=7)
+    after = _learner(dls_fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        after.lr_find(num_it=8, plot=False)
+    after.fit(steps=7)
+    assert all(torch.equal(a, b) for a, b in zip(alone.model.state_dict().values(),
+                                                 after.model.state_dict().values()))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -264,6 +265,9 @@ def _every_of(cb: Any, method: Callable) -> tuple[int, bool] | None:
     return n, valid
 
 
+NEVER = sys.maxsize  # the batch index where no every(n) method is ever due
+
+
 class HandlerTables:
     """The learner's dispatch tables. `full` has every handler of every event, in order;
     `base`, the one the loop uses on most batches, leaves out the methods marked `every(n)`.
@@ -285,10 +289,10 @@ class HandlerTables:
 
     def next_due(self, index: int, train: bool = True) -> int:
         """The first batch index >= `index` (0-based) where some `every(n)` method is due
-        (index i is due for n when (i + 1) % n == 0); -1 when none ever is."""
+        (index i is due for n when (i + 1) % n == 0); NEVER when none ever is."""
         ns = self._ns[train]
         if not ns:
-            return -1
+            return NEVER
         return min(index + (-(index + 1)) % n for n in ns)
 
     def at(self, index: int, train: bool = True) -> dict[str, tuple[Callable, ...]]:

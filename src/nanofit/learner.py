@@ -18,6 +18,7 @@ from . import checkpoint, inference, optim, state
 from . import export as exporting
 from .callback import (
     CANCELS,
+    NEVER,
     STAGES,
     CancelEpochException,
     as_cbs,
@@ -100,7 +101,7 @@ class Learner:
         self.vocab: list[str] | None = None
         self.item_ndim: int | None = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
-        self._due = -1  # the next training step where an every(n) method runs
+        self._due = NEVER  # the next training step where an every(n) method runs
         for cb in as_cbs(cbs):
             self.add_cb(cb)
         self.refresh_cbs()
@@ -223,7 +224,9 @@ class Learner:
     def _train_batches(self, batches: Iterator[Any], start: int) -> None:
         for self.iter, self.batch in enumerate(batches, start):
             try:
-                if self.step == self._due:  # an every(n) method runs on this batch
+                # an every(n) method may run on this batch (>=: a fit nested in this one, such
+                # as get_preds in a callback, may have left _due behind: the table says)
+                if self.step >= self._due:
                     self._due_batch(self.step, True)
                 else:
                     self._with_events("batch", self._do_batch)
@@ -234,7 +237,7 @@ class Learner:
         due = self._tables.next_due(0, train=False)
         try:
             for self.iter, self.batch in enumerate(batches, start):
-                if self.iter == due:
+                if self.iter >= due:
                     due = self._due_batch(self.iter, False)
                 else:
                     self._with_events("batch", self._do_batch)

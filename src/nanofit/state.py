@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from .steps import state_owner
 from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
 
 if TYPE_CHECKING:
@@ -25,7 +26,8 @@ def preserved_loop(learn: Learner) -> Iterator[None]:
     state: the position and attributes of a fit in progress, and each module's train/eval
     mode. So `learn.predict(x)` from inside a callback leaves the running fit as it was."""
     attrs = {k: getattr(learn, k) for k in LOOP_STATE}
-    position = copy.copy(learn.position)
+    position = learn.position  # the block's fit gets its own: the outer one's stream goes on
+    learn.position = type(position)()
     modes = [(m, m.training) for m in learn.model.modules()]
     try:
         yield
@@ -61,8 +63,9 @@ def preserve_state(learn: Learner) -> Iterator[None]:
     Restores model parameters and buffers (values, devices, dtypes), train/eval mode,
     `requires_grad` flags and gradients, the optimizer (or its absence) with its state and
     hyper-parameters, the state of each callback with `state_dict()`/`load_state_dict()`, the
-    learner's loop attributes and position, every global RNG and the data loaders'
-    generators. (The list of callbacks: `learn.removed_cbs`.)
+    learner's loop attributes and position, every global RNG, the data loaders'
+    generators and the position of loaders that keep one (`state_dict()`). (The list of
+    callbacks: `learn.removed_cbs`.)
     """
     model = learn.model
     # Every parameter and buffer (non-persistent ones too), with its device and dtype.
@@ -81,6 +84,10 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                  if callable(getattr(cb, "state_dict", None))]
     idle_loaders = [dl for dl in _loaders(learn.dls) if getattr(dl, "_iterator", "") is None]
     with preserved_rng(learn.dls), preserved_loop(learn):
+        # loaders that keep their own position (StatefulDataLoader, a HF streaming dataset);
+        # taken after the RNGs: a fresh loader's state_dict() draws its generator's seed
+        positions = [(owner, copy.deepcopy(owner.state_dict())) for dl in _loaders(learn.dls)
+                     if (owner := state_owner(dl)) is not None]
         try:
             yield
         finally:
@@ -100,6 +107,8 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                 cb.load_state_dict(state)
             for dl in idle_loaders:  # persistent workers started meanwhile carry RNG state
                 _stop_workers(dl)
+            for owner, position in positions:
+                owner.load_state_dict(position)
 
 
 def _loaders(dls: Any) -> list[Any]:

@@ -105,7 +105,8 @@ class ActivationStats(HooksCallback):
 
     Statistics are computed on the device inside the hook and copied to the CPU in one
     transfer every `sync_every` recorded batches, so hooks add no host sync per batch.
-    `every=n` records the n-th, 2n-th, ... training batch of the fit (`every(n)`). Example: `ActivationStats(nn.ReLU)`,
+    `every=n` records the n-th, 2n-th, ... training batch of the fit (`every(n)`).
+    Example: `ActivationStats(nn.ReLU)`,
     `ActivationStats(lambda m: isinstance(m, GeneralRelu))` or `ActivationStats(mods=[...])`.
 
     Results, in two shapes:
