@@ -127,3 +127,18 @@ def test_the_models_own_loss_is_used_only_when_asked_and_a_missing_one_is_explai
                    loss_func=None)
     with pytest.raises(ValueError, match="loss must come from the model's output"):
         bare.fit(steps=1, valid=False)
+
+
+def test_gradient_accumulation_counts_the_samples_of_dict_batches():
+    from nanofit import GradAccumCB
+
+    torch.manual_seed(0)
+    acc = Learner(KwargsModel(), _dict_dls(), loss_func=None, cbs=[GradAccumCB(16)])
+    acc.fit(steps=4, valid=False)  # 8 samples a batch: a step every 2 batches
+    torch.manual_seed(0)
+    data = _dict_dls().train
+    big = Learner(KwargsModel(), DataLoaders(DataLoader(data.dataset, batch_size=16), None),
+                  loss_func=None)
+    big.fit(steps=2, valid=False)
+    for a, b in zip(acc.model.parameters(), big.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

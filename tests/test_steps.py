@@ -315,3 +315,43 @@ def test_every_keeps_its_count_across_a_get_preds_run_inside_the_fit():
                     cbs=[cb := Thinned(), PredsMidFit()])
     learn.fit(steps=12, valid=False)
     assert cb.train_steps == [2, 5, 8, 11]
+
+
+def test_a_stream_that_ends_at_a_round_boundary_ends_the_fit_without_an_empty_round(capsys):
+    learn = Learner(torch.nn.Linear(3, 2), _stream_dls(n_batches=8), F.cross_entropy,
+                    cbs=[MetricsCB()])
+    learn.fit(steps=20, valid_every=4)
+    assert [(r["epoch"], r["step"], r["train"]) for r in learn.metrics.history] == [
+        (0, 4, "train"), (0, 4, "eval"), (1, 8, "train"), (1, 8, "eval")]
+    assert "ran dry after 8 of 20 steps: ending the fit now" in capsys.readouterr().err
+
+
+def test_adding_a_callback_in_a_batch_where_an_every_method_is_due_keeps_it_running():
+    class Twice(Callback):
+        def __init__(self):
+            self.at = []
+
+        @every(2)
+        def after_batch(self, learn):
+            self.at.append(learn.step)
+
+    class Adder(Callback):
+        def before_batch(self, learn):
+            if learn.step == 3:
+                learn.add_cb(Callback())
+
+    learn = Learner(make_model(), make_dls(), F.cross_entropy, cbs=[cb := Twice(), Adder()])
+    learn.fit(steps=8, valid=False)
+    assert cb.at == [1, 3, 5, 7]
+
+
+def test_an_epoch_cut_short_does_not_hold_an_epoch_fits_schedule_back():
+    class ShortEpoch(Callback):
+        def before_batch(self, learn):
+            if learn.training and learn.iter == 2:
+                raise CancelEpochException()
+
+    learn = Learner(make_model(), make_dls(n_train=64, bs=8), F.cross_entropy,
+                    cbs=[Recorder("lr"), ShortEpoch()])
+    learn.fit_one_cycle(4, lr_max=0.1, moms=None)
+    assert learn.recorder.lrs[-1] < 0.02  # annealed, as in the last quarter of one-cycle

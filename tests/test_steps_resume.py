@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from nanofit import CheckpointCB, DataLoaders, Learner, MetricsCB, Recorder
+from nanofit import Callback, CheckpointCB, DataLoaders, Learner, MetricsCB, Recorder
 from nanofit.testing import assert_resumable
 
 from .helpers import BatchCounter, make_dls
@@ -121,3 +121,31 @@ def test_lr_find_leaves_a_stateful_loader_where_it_was():
     after.fit(steps=7)
     assert all(torch.equal(a, b) for a, b in zip(alone.model.state_dict().values(),
                                                  after.model.state_dict().values()))
+
+
+def test_a_checkpoint_of_the_last_round_resumes_its_validation(tmp_path):
+    class CrashInFinalValidation(Callback):
+        def after_batch(self, learn):
+            if not learn.training and learn.epoch == learn.n_epochs - 1:
+                raise RuntimeError("crash")
+
+    first = _learner(_torch_dls)
+    with pytest.raises(RuntimeError, match="crash"):
+        first.fit(steps=10, valid_every=5, cbs=[CheckpointCB(tmp_path, every_n_batches=5),
+                                                CrashInFinalValidation()])
+    resumed = _learner(_torch_dls)
+    resumed.fit(steps=10, valid_every=5, resume=str(tmp_path))
+    assert [r["train"] for r in resumed.metrics.history][-2:] == ["train", "eval"]
+    assert resumed.metrics.history[-1]["step"] == 10
+
+
+def test_a_checkpoint_saved_after_a_step_fit_continues_its_stream_with_more_steps(tmp_path):
+    whole = _learner(_torch_dls)
+    whole.fit(steps=12, valid_every=4)
+    first = _learner(_torch_dls)
+    first.fit(steps=8, valid_every=4)
+    first.save(tmp_path / "after.pt")
+    more = _learner(_torch_dls)
+    more.fit(steps=12, valid_every=4, resume=str(tmp_path / "after.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
+                                                 more.model.state_dict().values()))

@@ -153,7 +153,8 @@ def rng_states(learn: Learner) -> dict[str, Any]:
     pos = learn.position
     epoch, done, train_done = pos.now(learn)
     mid_valid = pos.fitting and not learn.training and not pos.phase_done
-    mid_pass = (done and not train_done) or (pos.fitting and pos.plan.by_steps and pos.in_pass)
+    # after a step fit too: a resume with more steps continues its stream
+    mid_pass = (done and not train_done) or (pos.plan.by_steps and pos.in_pass > 0)
     owner = state_owner(getattr(learn.dls, "train", None))
     return {"rng": pos.valid_rng if mid_valid else capture_rng(learn.dls),
             "epoch_rng": pos.epoch_rng if mid_pass else None,
@@ -318,14 +319,20 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, plan: FitPlan | int) -
     if saved_by_steps != plan.by_steps:
         was = (f"fit(steps={ckpt['total_steps']}, valid_every={ckpt.get('valid_every')})"
                if saved_by_steps else f"fit({ckpt.get('n_epochs')})")
-        raise ValueError(f"checkpoint {ckpt['path']!r} comes from a {was} run; resume it with "
-                         "the same kind of fit (steps= with steps=, epochs with epochs)")
+        kind = "counted in steps" if saved_by_steps else "of whole epochs, validated per epoch"
+        raise ValueError(f"checkpoint {ckpt['path']!r} comes from a {was} run ({kind}); "
+                         f"resume it with the same kind of fit, e.g. {was[:-1]}, resume=...)")
+    same_plan = (ckpt.get("total_steps"), ckpt.get("valid_every")) == (plan.total_steps,
+                                                                      plan.valid_every)
     if plan.by_steps:
-        if pos.get("step", 0) >= (plan.total_steps or 0):
+        # the same fit: nothing left once its last round, validation included, is complete
+        done = pos["epoch"] >= plan.n_epochs if same_plan else \
+            pos.get("step", 0) >= (plan.total_steps or 0)
+        if done:
             raise ValueError(f"checkpoint {ckpt['path']!r} is at step {pos.get('step')}, so "
                              f"fit(steps={plan.total_steps}, resume=...) has nothing left to do; "
                              "ask for more steps")
-        if (ckpt["total_steps"], ckpt.get("valid_every")) != (plan.total_steps, plan.valid_every):
+        if not same_plan:
             warnings.warn(f"resuming a fit(steps={ckpt['total_steps']}, valid_every="
                           f"{ckpt.get('valid_every')}) run as fit(steps={plan.total_steps}, "
                           f"valid_every={plan.valid_every}): rounds and schedules over the whole "
@@ -357,7 +364,8 @@ def _check_rng_states(ckpt: dict[str, Any], learn: Learner) -> None:
     back as it was."""
     pos = ckpt["position"]
     mid_epoch = pos["batches_done"] and not pos["train_done"]
-    replays = mid_epoch or ckpt.get("epoch_rng") is not None  # mid-pass: its order is replayed
+    # mid-pass (a step fit's stream too): the pass's order is replayed from its starting RNG
+    replays = mid_epoch or ckpt.get("epoch_rng") is not None or bool(pos.get("in_pass"))
     for key in ("rng", "epoch_rng") if replays else ("rng",):
         try:
             with preserved_rng(learn.dls), warnings.catch_warnings():

@@ -102,6 +102,7 @@ class Learner:
         self.item_ndim: int | None = None
         self._handlers: dict[str, tuple[Callable, ...]] = {}
         self._due = NEVER  # the next training step where an every(n) method runs
+        self._due_now: tuple[int, bool] | None = None  # (batch index, training) of a due batch
         for cb in as_cbs(cbs):
             self.add_cb(cb)
         self.refresh_cbs()
@@ -127,7 +128,8 @@ class Learner:
         """Rebuild the tables the loop dispatches from (after changing `learn.cbs` by hand;
         add_cb, rm_cb and fit do it themselves). Never per batch."""
         self._tables = build_tables(self.cbs, type(self))
-        self._handlers = self._tables.base
+        due = self._due_now  # inside a batch where every(n) methods run: keep them running
+        self._handlers = self._tables.base if due is None else self._tables.at(*due)
         self._due = self._tables.next_due(self.step)
 
     def callback(self, event: str) -> None:
@@ -201,6 +203,8 @@ class Learner:
             resumed = self.epoch == first_epoch
             if train and not (resumed and train_done):
                 self.one_epoch(True, first_batch if resumed else 0)
+                if self.position.dry_round:  # the stream ended before this round began
+                    break
             if valid:
                 with torch.no_grad():
                     self.one_epoch(False)
@@ -247,10 +251,12 @@ class Learner:
     def _due_batch(self, index: int, train: bool) -> int:
         """Run a batch with the dispatch table that includes the every(n) methods due on it;
         return the next batch index where some are due."""
+        self._due_now = (index, train)
         self._handlers = self._tables.at(index, train)
         try:
             self._with_events("batch", self._do_batch)
         finally:
+            self._due_now = None
             self._handlers = self._tables.base  # rebuilt if a callback changed the callbacks
             nxt = self._tables.next_due(index + 1, train)
             if train:

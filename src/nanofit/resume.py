@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .callback import CancelEpochException
 from .checkpoint import (
     capture_rng,
     for_this_rank,
@@ -107,6 +108,7 @@ class LoopPosition:
         self.passes = 0  # passes over dls.train started in this (step-based) fit
         self.in_pass = 0  # batches drawn from the current pass
         self.ran_dry = False  # the training stream ended before the fit's steps were done
+        self.dry_round = False  # ... and before the current round's first batch
         self._stream: Iterator[Any] | None = None  # a step-based fit's training batches
         self._resume: dict[str, Any] | None = None  # a mid-phase checkpoint to continue
 
@@ -115,6 +117,7 @@ class LoopPosition:
         self.fitting, self.phase, self.phase_done, self._resume = True, None, False, None
         self.plan = plan or FitPlan(0, None)
         self.passes, self.in_pass, self.ran_dry, self._stream = 0, 0, False, None
+        self.dry_round = False
 
     def end_fit(self) -> None:
         self.fitting, self._resume, self._stream = False, None, None
@@ -225,15 +228,21 @@ class LoopPosition:
                 ckpt, self._resume = self._resume, None
                 resumed = None if ckpt is None else self._reposition(learn, ckpt)
                 self._stream = self._pass_stream(learn, resumed)
+            first = learn.step
             yield from itertools.islice(self._stream, n)
         except Exception as e:
             e.add_note(f"raised while fetching training batch {learn.step + 1} (pass "
                        f"{self.passes} over dls.train)")
             raise
         if self.ran_dry:
+            # Ended before this round's first batch: the round did not happen (cancelled,
+            # so no callback records an empty phase) and the fit ends; else it validates.
+            self.dry_round = learn.step == first and n > 0
+            then = "now" if self.dry_round else "after this round's validation"
             print(f"nanofit: dls.train ran dry after {learn.step} of {learn.total_steps} "
-                  "steps: ending the fit after this round's validation", file=sys.stderr,
-                  flush=True)
+                  f"steps: ending the fit {then}", file=sys.stderr, flush=True)
+            if self.dry_round:
+                raise CancelEpochException()
         self.phase_done = True
 
     def _pass_stream(self, learn: Learner, it: Iterator[Any] | None) -> Iterator[Any]:

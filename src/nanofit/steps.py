@@ -69,9 +69,10 @@ def plan_fit(train_dl: Any, n_epochs: int | None, steps: int | None,
 
 
 def set_epoch(dl: Any, epoch: int) -> None:
-    """Tell the loader's sampler (a DistributedSampler, ...) or the loader itself which pass
-    over the data starts, so it reshuffles: what DDP training needs each pass."""
-    for target in (getattr(dl, "sampler", None), dl):
+    """Tell the loader's sampler (a DistributedSampler, ...), the loader itself or its dataset
+    (a Hugging Face streaming dataset reseeds its shuffle) which pass over the data starts, so
+    it reshuffles: what DDP training needs each pass."""
+    for target in (getattr(dl, "sampler", None), dl, getattr(dl, "dataset", None)):
         if callable(getattr(target, "set_epoch", None)):
             target.set_epoch(epoch)  # type: ignore[union-attr]
             return

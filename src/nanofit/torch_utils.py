@@ -17,7 +17,7 @@ from torch import nn
 
 __all__ = ["def_device", "to_device", "to_cpu", "eval_mode", "get_rng_state", "set_rng_state",
            "loader_generators", "preserved_rng", "set_seed", "clean_mem", "loss_of", "logits_of",
-           "length"]
+           "length", "n_items"]
 
 
 def _default_device() -> torch.device:
@@ -258,3 +258,12 @@ def length(obj: Any) -> int | None:
         return len(obj)
     except TypeError:
         return None
+
+
+def n_items(batch: Any, n_inp: int = 1) -> int:
+    """How many samples a batch holds: the length of its targets (`batch[n_inp]`), or of a
+    dict batch's first tensor."""
+    if isinstance(batch, dict):
+        first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+        return len(first) if first is not None and first.ndim else 1
+    return len(batch[n_inp])

@@ -8,6 +8,7 @@ import torch
 
 from ..callback import Callback, Order
 from ..optim import HPOptimizer, ScalerSteps
+from ..torch_utils import n_items
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -63,7 +64,7 @@ class GradAccumCB(Callback):
             self._amp = None
 
     def backward(self, learn: Learner) -> None:
-        n = len(learn.batch[learn.n_inp])
+        n = n_items(learn.batch, learn.n_inp)
         loss = learn.loss * (n / self.n_acc)
         scaler = learn.grad_scaler  # set by MixedPrecision (fp16: scales the loss; bf16: 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()

@@ -22,8 +22,10 @@ __all__ = ["ParamScheduler", "BatchSchedCB", "EpochSchedCB", "fit_one_cycle", "f
 class ParamScheduler(Callback):
     """Sets hyper-parameters (lr, mom, wd, beta) from schedules before each training batch.
 
-    Each schedule is a function of training progress, `learn.step / learn.total_steps` (0 at
-    the first batch), or a list of such functions, one per param group. Validation batches do
+    Each schedule is a function of training progress: `learn.step / learn.total_steps` in a
+    step fit, `(epoch + iter / len(dl)) / n_epochs` in an epoch fit (so an epoch cut short by a
+    callback does not hold the schedule back); 0 at the first batch. Or a list of such
+    functions, one per param group. Validation batches do
     not advance it, and a fit without training (`fit(train=False)`) leaves the optimizer alone.
     Example: `ParamScheduler(lr=sched_cos(1e-2, 1e-5), mom=sched_no(0.9, 0.9))`
     """
@@ -70,7 +72,10 @@ class ParamScheduler(Callback):
         if not learn.training:
             return
         assert learn.opt is not None and self._plan is not None  # resolved at before_epoch
-        pos = learn.step / learn.total_steps  # type: ignore[operator]  # checked at before_fit
+        if learn.by_steps:
+            pos = learn.step / learn.total_steps  # type: ignore[operator]  # known in step fits
+        else:
+            pos = (learn.epoch + learn.iter / learn.n_iter) / learn.n_epochs
         dicts = groups(learn.opt)  # param groups, or a hand-written optimizer's fields
         for sched, put in self._plan:
             if isinstance(sched, (list, tuple)):
