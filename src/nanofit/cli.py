@@ -29,6 +29,7 @@ from .callbacks import (
 from .data import DataLoaders
 from .distributed import is_rank0, torchrun_env
 from .learner import Learner
+from .lm_demo import STEPS, VALID_EVERY, run_lm_demo
 from .models import simple_cnn
 
 __all__ = ["main", "digits_dls", "demo_model"]
@@ -179,8 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanofit", description="nanofit: a small, fast training loop for PyTorch")
     parser.add_argument("--version", action="version", version=f"nanofit {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's bundled digits",
-                          description="Train a small CNN on scikit-learn's bundled 8x8 digits.")
+    demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's bundled digits "
+                          "(or, `demo lm`, a character-level transformer on Python's docs)",
+                          description="Train a small CNN on scikit-learn's bundled 8x8 digits; "
+                          "`nanofit demo lm` trains a character-level transformer instead (see "
+                          "`nanofit demo lm --help`).")
     demo.add_argument("--epochs", type=_positive(int), default=8)
     demo.add_argument("--lr", type=_positive(float), default=None,
                       help="peak learning rate of the one-cycle schedule (default: lr_find's)")
@@ -198,7 +202,57 @@ def _parser() -> argparse.ArgumentParser:
                            "CPU); --bs is per process")
     demo.add_argument("--diagnose", action="store_true",
                       help="also record activation statistics and plot them")
+    tasks = demo.add_subparsers(dest="task", title="other demos", metavar="{lm}",
+                                parser_class=_Parser)
+    lm = tasks.add_parser(
+        "lm", help="train a small character-level causal transformer by steps on the English "
+        "text of Python's help topics (pydoc_data.topics, no download); under a minute on 2 "
+        "CPU cores; its flags: nanofit demo lm --help",
+        description="Train a small character-level causal transformer on the English text of "
+        "Python's help topics (pydoc_data.topics, no download) with fit_one_cycle(steps=..., "
+        "valid_every=...), a streaming training loader and checkpoints in --out. Prints per "
+        "round the validation loss in nats per character next to the unigram baseline (the "
+        "entropy of the character frequencies), then a generated sample. Ctrl-C saves a "
+        "checkpoint; --resume continues from it.")
+    lm.add_argument("--steps", type=_positive(int), default=STEPS,
+                    help=f"training batches (default {STEPS})")
+    lm.add_argument("--valid-every", type=_positive(int), default=VALID_EVERY,
+                    help=f"validate after every this many training batches (default "
+                         f"{VALID_EVERY})")
+    lm.add_argument("--seed", type=_seed, default=0)
+    lm.add_argument("--out", type=Path, default=Path("nanofit_lm"),
+                    help="checkpoint folder (default nanofit_lm/)")
+    lm.add_argument("--resume", action="store_true",
+                    help="continue the interrupted run in --out from its newest checkpoint "
+                         "(give the same --steps, --valid-every and --seed)")
     return parser
+
+
+def _lm_demo(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> int:
+    """`nanofit demo lm`: its flags come after `lm`; the digits demo's flags do not apply."""
+    if argv[argv.index("demo") + 1] != "lm":
+        parser.error("`nanofit demo lm` takes its flags after `lm` (the digits demo's flags "
+                     f"do not apply to it): nanofit demo lm --steps {STEPS}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"nanofit demo lm: error: cannot create --out folder {str(args.out)!r}: "
+              f"{e.strerror}", file=sys.stderr)
+        return 2
+    try:
+        run_lm_demo(args.steps, args.valid_every, args.seed, args.out, args.resume)
+    except ValueError as e:
+        if not args.resume:
+            raise
+        # e.g. the run in --out is complete, or comes from other settings: say so in one line
+        print(f"nanofit demo lm: error: cannot --resume from {str(args.out)!r}: {e}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"nanofit demo lm: {e or 'interrupted'}; continue with: nanofit demo lm --resume "
+              f"--out {args.out} (and the same --steps, --valid-every, --seed)", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.command == "demo" and args.task == "lm":
+        return _lm_demo(parser, argv, args)
     if args.command == "demo" and args.nproc > 1:
         if not torchrun_env():
             return _launch(args.nproc, argv)
