@@ -6,6 +6,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from .distributed import is_dtensor
 from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
 
 if TYPE_CHECKING:
@@ -85,7 +88,7 @@ def preserve_state(learn: Learner) -> Iterator[None]:
             yield
         finally:
             for p, saved in params:
-                p.data = saved
+                _put_back(p, saved)
             for m, name, saved in buffers:
                 m._buffers[name] = saved
             for p, flag, grad in zip(model.parameters(), flags, grads):
@@ -100,6 +103,17 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                 cb.load_state_dict(state)
             for dl in idle_loaders:  # persistent workers started meanwhile carry RNG state
                 _stop_workers(dl)
+
+
+def _put_back(p: torch.nn.Parameter, saved: torch.Tensor) -> None:
+    """Give the parameter its saved value (and device and dtype). A sharded parameter
+    (FSDP's DTensor) is copied into in place: FSDP all-gathers from its storage."""
+    if is_dtensor(p) and (p.shape, p.dtype, p.device) == (
+            saved.shape, saved.dtype, saved.device):
+        with torch.no_grad():
+            p.copy_(saved)
+    else:
+        p.data = saved
 
 
 def _loaders(dls: Any) -> list[Any]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ..callback import Callback, Order
 from ..checkpoint import SUFFIX, gather_rng_states, save_checkpoint
 from ..distributed import is_rank0
+from ..sharded import SHARDED_SUFFIX, is_sharded, remove_checkpoint
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -89,7 +90,9 @@ class CheckpointCB(Callback):
             self.path.mkdir(parents=True, exist_ok=True)
         self.interrupted = False
         # Files already there (an earlier run, or the run being resumed) count towards `keep`.
-        existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
+        existing = sorted([*self.path.glob(f"ckpt_*{SUFFIX}"),
+                           *self.path.glob(f"ckpt_*{SHARDED_SUFFIX}")],
+                          key=lambda f: f.stat().st_mtime_ns)
         kept = [f for f in self.saved if f.exists()]
         self.saved = [f for f in existing if f not in self.saved] + kept
         _CTRL_C.join(self)
@@ -132,18 +135,23 @@ class CheckpointCB(Callback):
 
     def save(self, learn: Learner) -> Path:
         """Save a checkpoint now, named by its loop position; prune old ones. Under
-        torch.distributed only rank 0 writes."""
+        torch.distributed only rank 0 writes, except for a sharded model (FSDP): then every
+        rank writes its shards into one checkpoint folder."""
         epoch, done, train_done = learn.position.now(learn)
-        name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{SUFFIX}"
+        sharded = is_sharded(learn.model)
+        suffix = SHARDED_SUFFIX if sharded else SUFFIX
+        name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{suffix}"
         # every rank's random states, gathered by all ranks at this same point (not for a
         # Ctrl-C save, which one rank may make alone: that one holds rank 0's states only)
         ranks = None if self.interrupted else gather_rng_states(learn)
-        if not is_rank0():
+        if not is_rank0() and not sharded:
             return self.path / name
         path = save_checkpoint(learn, self.path / name, ranks)
+        if not is_rank0():
+            return path
         if path in self.saved:
             self.saved.remove(path)
         self.saved.append(path)
         while self.keep is not None and len(self.saved) > self.keep:
-            self.saved.pop(0).unlink(missing_ok=True)
+            remove_checkpoint(self.saved.pop(0))
         return path
