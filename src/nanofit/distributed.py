@@ -85,8 +85,29 @@ def join_process_group(backend: str | None = None, timeout_s: float = 600.0) -> 
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":  # each process on its own GPU before the group exists
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         atexit.register(_leave)  # we made the group: close it cleanly when Python exits
+
+
+def _attempt_store(timeout: timedelta) -> Any:
+    """torchrun's store for this attempt of the job, or None (not under torchrun's agent).
+
+    After a restart (`--max-restarts`) the workers meet again in the store of torchrun's
+    agent, which outlives them, and torch's env:// setup uses it without a per-attempt
+    prefix: the new group could read the dead group's addresses and fail to connect
+    ("Connection refused"). Each attempt gets its own key space here, as torch once did."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"nanofit/attempt_{attempt}", store)
 
 
 def process_device() -> torch.device:
