@@ -80,6 +80,20 @@ class StopAt(Callback):
             raise CancelFitException()
 
 
+class SyncCheck(Callback):
+    """Records, after each backward, whether the model's parameters are sharded again: with
+    GradAccumCB only a group's last backward reduces the gradients into the shards and
+    reshards; between, the parameters stay gathered (plain tensors) with local gradients."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_backward(self, learn):
+        sharded = [type(p).__name__ == "DTensor" for p in learn.model.parameters()]
+        assert all(p.grad is not None for p in learn.model.parameters())
+        self.seen.append((learn.accumulating, all(sharded), any(sharded)))
+
+
 class Jitter(Callback):
     """A random batch augmentation drawn from each rank's own RNG."""
 
@@ -124,7 +138,8 @@ def torchrun(*args, restarts=0, timeout=150):
     if restarts:
         cmd += ["--max-restarts", str(restarts)]
     result = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                  "PYTHONFAULTHANDLER": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
@@ -206,8 +221,8 @@ SCRIPT = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {root!r})
     from torch.distributed.fsdp import MixedPrecisionPolicy
-    from tests.test_fsdp import (Jitter, StopAt, full_weights, local_state, make_learner,
-                                 one_cycle_variant, same_state)
+    from tests.test_fsdp import (Jitter, StopAt, SyncCheck, full_weights, local_state,
+                                 make_learner, one_cycle_variant, same_state)
     from nanofit import CheckpointCB, FSDPCB, MixedPrecision, ProgressCB
     from nanofit.distributed import rank
     out = sys.argv[1]
@@ -215,8 +230,9 @@ SCRIPT = textwrap.dedent("""
     checks = {{}}
 
     # plain training, checkpointed every 3 batches: compared with one process by the test
-    learn = make_learner(4, cbs=[FSDPCB(), ProgressCB(),
-                                 CheckpointCB(out + "/ckpts", every_n_batches=3)])
+    saver = CheckpointCB(out + "/ckpts", every_n_batches=3)
+    progress = ProgressCB()
+    learn = make_learner(4, cbs=[FSDPCB(), progress, saver])
     learn.fit(2)
     weights = full_weights(learn.model)
     preds, targs = learn.get_preds()  # on the sharded model, every rank: all the predictions
@@ -227,9 +243,23 @@ SCRIPT = textwrap.dedent("""
         torch.save({{"weights": weights, "preds": preds, "targs": targs}}, out + "/plain.pt")
         json.dump(learn.metrics.history, open(out + "/history.json", "w"))
 
+    # a later fit of the sharded model, and the same from its checkpoint loaded into a new,
+    # unsharded learner (weights and momentum sharded when FSDPCB starts): equal shards
+    learn.rm_cb(saver).rm_cb(progress)
+    learn.fit(1)
+    loaded = make_learner(4, cbs=[FSDPCB()])
+    loaded.load(out + "/ckpts")  # each rank reads it whole (its model is not sharded yet)
+    loaded.fit(1)
+    checks["loaded_then_sharded_equals_continued"] = same_state(local_state(loaded),
+                                                                local_state(learn))
+
     # accumulation (no gradient sync in between), clipping, one-cycle
-    variant = one_cycle_variant(4, 8, cbs=[FSDPCB()])
+    sync = SyncCheck()
+    variant = one_cycle_variant(4, 8, cbs=[FSDPCB(), sync])
     weights = full_weights(variant.model)
+    checks["no_sync_while_accumulating"] = (
+        {{seen[0] for seen in sync.seen}} == {{True, False}}
+        and all(every == some == (not acc) for acc, every, some in sync.seen))
     if r == 0:
         torch.save(weights, out + "/variant.pt")
 

@@ -318,7 +318,10 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, n_epochs: int) -> None
                       "schedules over the whole fit (one-cycle...) will not match the original")
     train = getattr(learn.dls, "train", None)
     n = len(train) if train is not None and hasattr(train, "__len__") else None
-    if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n:
+    # saved by several processes (DDP, FSDP): each had its shard, which DDPCB/FSDPCB make
+    # only once the fit starts, so the whole loader here is longer
+    sharded_data = bool(ckpt.get("ranks"))
+    if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n and not sharded_data:
         warnings.warn(f"the checkpoint's training loader had {ckpt['n_batches']} batches, this one "
                       f"has {n}: the resumed epoch cannot follow the original order")
     loaders = (train, getattr(learn.dls, "valid", None))

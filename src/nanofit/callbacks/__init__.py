@@ -5,6 +5,7 @@ Names follow one convention, `<What>CB`; the names the course and fastai use (`R
 """
 # Importable from here as before the package had layers (their homes are below callbacks).
 from ..augment import Normalize  # noqa: E402  (kept apart: not a callback)
+from ..checkpoint import consolidate  # noqa: E402  (CheckpointCB's FSDP folders -> one file)
 from ..torch_utils import def_device, to_cpu, to_device  # noqa: E402
 from .checkpoint import CheckpointCB
 from .core import DeviceCB, SingleBatchCB, TrainCB
@@ -41,4 +42,4 @@ __all__ = ["DeviceCB", "SingleBatchCB", "TrainCB", "MetricsCB", "Recorder", "Rec
            "GradAccumCB",
            "GradClipCB", "CSVLogger", "CSVLoggerCB", "TensorBoardCB", "MixUp", "MixUpCB",
            "CutMix", "CutMixCB", "MixedPrecision", "MixedPrecisionCB", "ProfileCB", "CompileCB",
-           "Normalize", "def_device", "to_cpu", "to_device"]
+           "Normalize", "def_device", "to_cpu", "to_device", "consolidate"]
