@@ -127,7 +127,7 @@ def same_state(a, b):
 
 def one_cycle_variant(bs, n_acc, cbs=()):
     """Accumulation, clipping and one-cycle (hyper-parameters set by name every batch)."""
-    learn = make_learner(bs, cbs=[*cbs, GradAccumCB(n_acc), GradClipCB(0.5)])
+    learn = make_learner(bs, cbs=[*cbs, GradAccumCB(n_acc), GradClipCB(0.25)])  # clips ~half
     learn.fit_one_cycle(2, 0.2)
     return learn
 

@@ -232,19 +232,23 @@ def _checkpoints_in(folder: Path) -> list[Path]:
         (f.suffix == SUFFIX and f.is_file()) or is_sharded_checkpoint(f))]
 
 
-def _written(f: Path) -> tuple[int, str]:
-    return (f / "nanofit.pt" if f.is_dir() else f).stat().st_mtime_ns, f.name
+def _written(f: Path) -> tuple[int, str] | None:
+    """When `f` was written, or None if it is gone (another process pruned it)."""
+    try:
+        return (f / "nanofit.pt" if f.is_dir() else f).stat().st_mtime_ns, f.name
+    except FileNotFoundError:
+        return None
 
 
 def newest_checkpoint(folder: str | Path) -> Path:
     """The most recently written checkpoint in `folder`: a file, or a sharded checkpoint's
     folder (FSDP)."""
     folder = Path(folder)
-    found = _checkpoints_in(folder)
+    found = [(w, f) for f in _checkpoints_in(folder) if (w := _written(f)) is not None]
     if not found:
         raise FileNotFoundError(f"no checkpoint (*{SUFFIX}, or a sharded checkpoint folder) "
                                 f"in folder {str(folder)!r}")
-    return max(found, key=_written)
+    return max(found)[1]
 
 
 class _CallbackStates(dict):

@@ -20,7 +20,8 @@ from .data import DataLoaders, TensorLoader, rebuild_loader
 
 __all__ = ["is_distributed", "rank", "world_size", "is_rank0", "rank0_only", "torchrun_env",
            "ShardedTensorLoader", "ShardSampler", "unwrap_model", "join_process_group",
-           "process_device", "shard_loaders", "set_loader_epoch", "is_dtensor", "BACKENDS"]
+           "process_device", "shard_loaders", "set_loader_epoch", "is_dtensor", "barrier",
+           "BACKENDS"]
 
 BACKENDS = (None, "nccl", "gloo", "mpi", "ucc", "xccl")
 
@@ -66,6 +67,12 @@ def is_dtensor(t: Any) -> bool:
     imported it, nothing can be one."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _leave() -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..callback import Callback, Order
 from ..checkpoint import SUFFIX, gather_rng_states, save_checkpoint
-from ..distributed import is_rank0
+from ..distributed import barrier, is_rank0
 from ..sharded import SHARDED_SUFFIX, is_sharded, remove_checkpoint
 
 if TYPE_CHECKING:
@@ -59,6 +59,14 @@ class _CtrlC:
 _CTRL_C = _CtrlC()
 
 
+def _mtime(f: Path) -> int | None:
+    """When `f` was last changed; None if it is gone meanwhile (rank 0 prunes)."""
+    try:
+        return f.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 class CheckpointCB(Callback):
     """Saves checkpoints into the folder `path` every `every_n_batches` training batches
     and/or after every epoch, keeping the newest `keep` files.
@@ -90,9 +98,9 @@ class CheckpointCB(Callback):
             self.path.mkdir(parents=True, exist_ok=True)
         self.interrupted = False
         # Files already there (an earlier run, or the run being resumed) count towards `keep`.
-        existing = sorted([*self.path.glob(f"ckpt_*{SUFFIX}"),
-                           *self.path.glob(f"ckpt_*{SHARDED_SUFFIX}")],
-                          key=lambda f: f.stat().st_mtime_ns)
+        found = [*self.path.glob(f"ckpt_*{SUFFIX}"), *self.path.glob(f"ckpt_*{SHARDED_SUFFIX}")]
+        dated = [(_mtime(f), f) for f in found]
+        existing = [f for t, f in sorted((t, f) for t, f in dated if t is not None)]
         kept = [f for f in self.saved if f.exists()]
         self.saved = [f for f in existing if f not in self.saved] + kept
         _CTRL_C.join(self)
@@ -147,11 +155,12 @@ class CheckpointCB(Callback):
         if not is_rank0() and not sharded:
             return self.path / name
         path = save_checkpoint(learn, self.path / name, ranks)
-        if not is_rank0():
-            return path
-        if path in self.saved:
-            self.saved.remove(path)
-        self.saved.append(path)
-        while self.keep is not None and len(self.saved) > self.keep:
-            remove_checkpoint(self.saved.pop(0))
+        if is_rank0():
+            if path in self.saved:
+                self.saved.remove(path)
+            self.saved.append(path)
+            while self.keep is not None and len(self.saved) > self.keep:
+                remove_checkpoint(self.saved.pop(0))
+        if sharded:
+            barrier()  # the folder is pruned before any rank goes on (and may read it)
         return path
