@@ -625,6 +625,80 @@ def test_torchrun_two_gpus_nccl_ddp_matches_single_process(tmp_path):
     _compare_with_single_process(info, weights, 32)
 
 
+FSDP_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from tests.test_cuda import make_ddp_learner
+    from nanofit import CheckpointCB, DeviceCB, FSDPCB
+
+    out, bs = sys.argv[1], int(sys.argv[2])
+    learn = make_ddp_learner(bs, cbs=[FSDPCB(), DeviceCB(), CheckpointCB(out + "/ckpts")])
+    learn.fit(2)
+    w = learn.model[0].weight
+    info = {"backend": dist.get_backend(), "world": dist.get_world_size(),
+            "param": type(w).__name__, "device": str(w.device),
+            "local_rows": w.to_local().shape[0], "loss": learn.metrics.history[-1]["loss"]}
+    weights = {k: v.full_tensor().cpu() for k, v in learn.model.state_dict().items()}
+    # bf16 parameters and fp32 gradient reduction: FSDP's MixedPrecisionPolicy
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = make_ddp_learner(bs, cbs=[FSDPCB(mp_policy=policy), DeviceCB()])
+    mixed.fit(1)
+    info["bf16_loss"] = mixed.metrics.history[-1]["loss"]
+    if dist.get_rank() == 0:
+        torch.save(weights, out + "/weights.pt")
+        with open(out + "/result.json", "w") as f:
+            json.dump(info, f)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_torchrun_fsdp_on_gpus_matches_single_process_and_its_checkpoint_loads_on_cpu(
+        tmp_path, nproc):
+    """FSDP2 with nccl: on one GPU a world of 1 (FSDPCB shards whenever a process group
+    runs: DTensor parameters, DCP checkpoint folders), on two GPUs a real split."""
+    if nproc > torch.cuda.device_count():
+        pytest.skip(f"needs {nproc} GPUs")
+    script = tmp_path / "train_fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    pkg_root = str(Path(nanofit.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root, str(ROOT), env.get("PYTHONPATH", "")])
+    bs = 32 // nproc  # the same global batch
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script), str(tmp_path), str(bs)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun did not finish in 180 s; stderr: {str(e.stderr)[-3000:]}")
+    assert result.returncode == 0, f"torchrun failed:\n{result.stderr[-4000:]}"
+    info = json.loads((tmp_path / "result.json").read_text())
+    weights = torch.load(tmp_path / "weights.pt", weights_only=True)
+    single = make_ddp_learner(32, cbs=[DeviceCB("cuda")])
+    single.fit(2)
+    diff = max_diff(weights, cpu_weights(single.model))
+    print(f"torchrun FSDP: {info}; single: {single.metrics.history[-1]['loss']!r}; "
+          f"max weight diff {diff:.2e}")
+    assert info["backend"] == "nccl" and info["world"] == nproc, info
+    assert info["param"] == "DTensor" and info["device"].startswith("cuda"), info
+    assert info["local_rows"] == 32 // nproc, info  # Linear(16, 32): rows split over ranks
+    assert diff <= 1e-4, f"weights differ from the single-process run by {diff}"
+    assert abs(info["loss"] - single.metrics.history[-1]["loss"]) <= 1e-4
+    assert abs(info["bf16_loss"] - valid_losses(single)[0]) < 0.1, info  # after 1 epoch
+    # the sharded checkpoint (a DCP folder written on the GPU) loads here, on the CPU
+    folder = nanofit.checkpoint.newest_checkpoint(tmp_path / "ckpts")
+    assert folder.is_dir(), folder
+    cpu = make_ddp_learner(32)
+    cpu.load(str(tmp_path / "ckpts"))
+    assert max_diff(weights, cpu_weights(cpu.model)) == 0
+    nanofit.consolidate(tmp_path / "ckpts", tmp_path / "one.pt")
+    again = make_ddp_learner(32)
+    again.load(str(tmp_path / "one.pt"))
+    assert max_diff(weights, cpu_weights(again.model)) == 0
+
+
 # ---- g. checkpoint and resume with the scaler ----------------------------------------------------
 def make_fp16_learner(*extra):
     """8 shuffled batches per epoch; batch 2 overflows, so the scale is 32768, not the default."""

@@ -21,6 +21,7 @@ from .callback import (
 )
 from .callbacks import (
     DDPCB,
+    FSDPCB,
     ActivationStats,
     BatchSchedCB,
     BatchTransformCB,
@@ -50,6 +51,7 @@ from .callbacks import (
     TerminateOnNaNCB,
     TrainCB,
 )
+from .checkpoint import consolidate
 from .data import DataLoaders, TensorLoader, collate_dict
 from .distributed import is_rank0, rank0_only
 from .hooks import Hook, Hooks, ModelSummary, append_stats, get_hist, get_min, model_summary
@@ -93,7 +95,8 @@ __all__ = [
     "Hook", "Hooks", "append_stats", "get_hist", "get_min", "run_cbs", "HooksCallback",
     "ActivationStats", "ModelSummary", "model_summary",
     "init_weights", "GeneralRelu", "lsuv_init", "conv", "ResBlock", "simple_cnn", "resnet",
-    "BatchTransformCB", "Normalize", "DDPCB", "rank0_only", "is_rank0",
+    "BatchTransformCB", "Normalize", "DDPCB", "FSDPCB", "consolidate", "rank0_only",
+    "is_rank0",
     "MixedPrecision", "GradAccumCB", "GradClipCB", "MixUp", "CutMix", "CSVLogger",
     "TensorBoardCB", "ProfileCB", "CompileCB", "load_learner", "exportable",
     "random_crop", "random_flip", "random_erase", "compose", "ImageFolder", "show_images",

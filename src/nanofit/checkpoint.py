@@ -31,6 +31,8 @@ from .loading import (
     load_checkpoint,
     opt_class,
 )
+from .sharded import SHARDED_SUFFIX, is_sharded, is_sharded_checkpoint, load_full, read_sharded
+from .sharded import save_sharded as _save_sharded
 from .steps import FitPlan, state_owner
 from .torch_utils import (
     get_rng_state,
@@ -46,7 +48,8 @@ if TYPE_CHECKING:
 __all__ = ["save", "load", "save_checkpoint", "read_checkpoint", "load_checkpoint",
            "newest_checkpoint", "read_for_resume", "gather_rng_states", "for_this_rank",
            "rng_states", "capture_rng", "restore_rng", "load_cb_states", "check_weights",
-           "check_loadable", "is_weights", "atomic_save", "plain_state", "load_file"]
+           "check_loadable", "is_weights", "atomic_save", "plain_state", "load_file",
+           "consolidate", "is_sharded", "SHARDED_SUFFIX"]
 
 FORMAT = "nanofit.checkpoint"
 VERSION = 1
@@ -195,7 +198,8 @@ def save_checkpoint(learn: Learner, path: str | Path,
                     ranks: list[dict[str, Any]] | None = None) -> Path:
     """Write everything a resume needs to `path` (atomically); returns the path. Values are
     stored as tensors and plain Python (see `plain_state`), so the file always loads. `ranks`
-    (from `gather_rng_states`) adds every rank's RNG states, restored each to its own."""
+    (from `gather_rng_states`) adds every rank's RNG states, restored each to its own.
+    A sharded model (FSDP) is saved as a folder by every rank together: see sharded.py."""
     pos = learn.position
     epoch, done, train_done = pos.now(learn)
     states = rng_states(learn)
@@ -224,6 +228,8 @@ def save_checkpoint(learn: Learner, path: str | Path,
         "ranks": ranks,
         "callbacks": {key: cb.state_dict() for key, cb in cb_keys(learn.cbs)},
     }
+    if is_sharded(learn.model):  # each rank writes its shards (a collective)
+        return _save_sharded(ckpt, learn.model, learn.opt, path)
     return atomic_save(plain_state(ckpt, "checkpoint"), path)
 
 
@@ -242,13 +248,29 @@ def load(learn: Learner, path: str | Path, with_opt: bool = True) -> Learner:
     return learn
 
 
+def _checkpoints_in(folder: Path) -> list[Path]:
+    """The checkpoint files (*.pt) and complete sharded checkpoint folders in `folder`."""
+    return [f for f in folder.glob("*") if not f.name.startswith(".") and (
+        (f.suffix == SUFFIX and f.is_file()) or is_sharded_checkpoint(f))]
+
+
+def _written(f: Path) -> tuple[int, str] | None:
+    """When `f` was written, or None if it is gone (another process pruned it)."""
+    try:
+        return (f / "nanofit.pt" if f.is_dir() else f).stat().st_mtime_ns, f.name
+    except FileNotFoundError:
+        return None
+
+
 def newest_checkpoint(folder: str | Path) -> Path:
-    """The most recently written checkpoint file in `folder`."""
+    """The most recently written checkpoint in `folder`: a file, or a sharded checkpoint's
+    folder (FSDP)."""
     folder = Path(folder)
-    files = [f for f in folder.glob(f"*{SUFFIX}") if f.is_file()]
-    if not files:
-        raise FileNotFoundError(f"no checkpoint (*{SUFFIX}) in folder {str(folder)!r}")
-    return max(files, key=lambda f: (f.stat().st_mtime_ns, f.name))
+    found = [(w, f) for f in _checkpoints_in(folder) if (w := _written(f)) is not None]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint (*{SUFFIX}, or a sharded checkpoint folder) "
+                                f"in folder {str(folder)!r}")
+    return max(found)[1]
 
 
 class _CallbackStates(dict):
@@ -262,11 +284,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a checkpoint file (or the newest in a folder) without running its code.
     Every problem with the file is a ValueError naming it (FileNotFoundError if missing)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         path = newest_checkpoint(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = load_file(path, "checkpoint", "use an earlier checkpoint")
+    if is_sharded_checkpoint(path):  # its tensors are read by load_checkpoint (DCP)
+        ckpt = read_sharded(path)
+    else:
+        ckpt = load_file(path, "checkpoint", "use an earlier checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a nanofit checkpoint (no '{FORMAT}' marker); "
                          "load plain state dicts with model.load_state_dict(torch.load(...))")
@@ -293,8 +318,8 @@ def read_for_resume(path: str | Path, learn: Learner,
     notice: the fit starts from scratch, so one command serves the first start and every
     restart (`torchrun --max-restarts`). A missing *file* is an error."""
     folder = Path(path)
-    if (folder.is_dir() and not any(f.is_file() for f in folder.glob(f"*{SUFFIX}"))) or \
-            (not folder.exists() and folder.suffix != SUFFIX):
+    if (folder.is_dir() and not is_sharded_checkpoint(folder) and not _checkpoints_in(folder)) \
+            or (not folder.exists() and folder.suffix not in (SUFFIX, SHARDED_SUFFIX)):
         print(f"nanofit: no checkpoint in {str(folder)!r} yet: starting from scratch",
               file=sys.stderr, flush=True)
         return None
@@ -349,7 +374,10 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, plan: FitPlan | int) -
                           "original")
     train = getattr(learn.dls, "train", None)
     n = length(train)
-    if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n:
+    # saved by several processes (DDP, FSDP): each had its shard, which DDPCB/FSDPCB make
+    # only once the fit starts, so the whole loader here is longer
+    sharded_data = bool(ckpt.get("ranks"))
+    if ckpt.get("n_batches") and n is not None and ckpt["n_batches"] != n and not sharded_data:
         warnings.warn(f"the checkpoint's training loader had {ckpt['n_batches']} batches, this one "
                       f"has {n}: the resumed epoch cannot follow the original order")
     loaders = (train, getattr(learn.dls, "valid", None))
@@ -374,3 +402,16 @@ def _check_rng_states(ckpt: dict[str, Any], learn: Learner) -> None:
         except Exception as e:
             raise damaged(ckpt["path"], f"its RNG state {key!r} does not restore "
                                          f"({type(e).__name__}: {e})") from e
+
+
+def consolidate(ckpt_dir: str | Path, out_file: str | Path) -> Path:
+    """Write the sharded checkpoint `ckpt_dir` (a folder saved under FSDP, or a folder of
+    them: its newest) as one checkpoint file, which `learn.load` and `fit(resume=...)` read
+    without torch.distributed. Runs in a single process; returns the file's path."""
+    ckpt = read_checkpoint(ckpt_dir)
+    if "sharded" not in ckpt:
+        raise ValueError(f"{ckpt['path']!r} is a checkpoint file already, not a sharded "
+                         "checkpoint folder")
+    full = load_full(ckpt)
+    del full["path"]
+    return atomic_save(plain_state(full, "checkpoint"), out_file)

@@ -1,20 +1,29 @@
-"""torch.distributed helpers: who am I, run on rank 0 only, shard in-memory loaders."""
+"""torch.distributed helpers: who am I, run on rank 0 only, join the process group, shard
+the loaders (what DDPCB and FSDPCB share)."""
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from .data import TensorLoader
+from .data import DataLoaders, TensorLoader, rebuild_loader
 
 __all__ = ["is_distributed", "rank", "world_size", "is_rank0", "rank0_only", "torchrun_env",
-           "ShardedTensorLoader", "ShardSampler", "unwrap_model"]
+           "ShardedTensorLoader", "ShardSampler", "unwrap_model", "join_process_group",
+           "process_device", "shard_loaders", "is_dtensor", "barrier",
+           "BACKENDS"]
+
+BACKENDS = (None, "nccl", "gloo", "mpi", "ucc", "xccl")
 
 
 def is_distributed() -> bool:
@@ -50,6 +59,99 @@ def rank0_only(fn: Callable) -> Callable:
 def torchrun_env() -> bool:
     """True when started by torchrun (or another launcher setting its variables)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a DTensor (FSDP2's sharded parameters). Asked without importing
+    torch.distributed.tensor (0.6 s, so `import nanofit` stays light): until something
+    imported it, nothing can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _leave() -> None:
+    """Wait for the other ranks, then close the process group (an open gloo group can abort
+    the interpreter at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def join_process_group(backend: str | None = None, timeout_s: float = 600.0) -> None:
+    """Initialise the process group from torchrun's environment unless one is running (or
+    this process was not started by torchrun): `backend` nccl with CUDA, else gloo."""
+    if dist.is_available() and not dist.is_initialized() and torchrun_env():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":  # each process on its own GPU before the group exists
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        timeout = timedelta(seconds=timeout_s)
+        store = _attempt_store(timeout)
+        if store is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        atexit.register(_leave)  # we made the group: close it cleanly when Python exits
+
+
+def _attempt_store(timeout: timedelta) -> Any:
+    """torchrun's store for this attempt of the job, or None (not under torchrun's agent).
+
+    After a restart (`--max-restarts`) the workers meet again in the store of torchrun's
+    agent, which outlives them, and torch's env:// setup uses it without a per-attempt
+    prefix: the new group could read the dead group's addresses and fail to connect
+    ("Connection refused"). Each attempt gets its own key space here, as torch once did."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"nanofit/attempt_{attempt}", store)
+
+
+def process_device() -> torch.device:
+    """This process's device: its GPU (`LOCAL_RANK`, made current) with CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank() % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def shard_loaders(dls: Any, rank: int, world: int, seed: int = 0, who: str = "DDPCB") -> Any:
+    """This rank's share of `dls`: DistributedSampler (training, padded) or ShardSampler
+    (validation, not padded) for torch DataLoaders over map-style datasets, index sharding
+    for TensorLoader."""
+    return DataLoaders(_shard(dls.train, rank, world, seed, True, who),
+                       _shard(getattr(dls, "valid", None), rank, world, seed, False, who))
+
+
+def _shard(dl: Any, rank: int, world: int, seed: int, train: bool, who: str) -> Any:
+    if dl is None:
+        return None
+    if isinstance(dl, TensorLoader):
+        return ShardedTensorLoader(dl, rank, world, pad=train, seed=seed)
+    if isinstance(dl, DataLoader) and dl.batch_size is not None and not isinstance(
+            dl.dataset, torch.utils.data.IterableDataset):
+        sampler: torch.utils.data.Sampler
+        if train:
+            sampler = DistributedSampler(dl.dataset, world, rank,
+                                         shuffle=isinstance(dl.sampler, RandomSampler),
+                                         seed=seed)
+        else:
+            sampler = ShardSampler(len(dl.dataset), rank, world)  # type: ignore[arg-type]
+        return rebuild_loader(dl, sampler=sampler)
+    raise TypeError(f"{who} cannot shard a {type(dl).__name__}: use a TensorLoader or a "
+                    f"torch DataLoader over a map-style dataset (or shard it yourself and "
+                    f"leave {who} out of the loaders by giving each rank its own data)")
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

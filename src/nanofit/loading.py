@@ -10,6 +10,7 @@ import torch
 
 from .distributed import unwrap_model
 from .optim import make_optimizer
+from .sharded import load_shards
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -78,6 +79,9 @@ def load_checkpoint(learn: Learner, ckpt: dict[str, Any], with_opt: bool = True)
     the weights' keys, shapes and dtypes, the optimizer's class and param groups, and its
     state (loaded into a new optimizer, or by torch after its own checks) are checked before
     the learner changes."""
+    if ckpt.get("sharded"):  # a DCP folder: checked, then its tensors read in this layout
+        _checked_opt(learn, ckpt, with_opt)
+        ckpt = load_shards(learn.model, ckpt, with_opt)
     opt = _checked_opt(learn, ckpt, with_opt)
     if opt is not None and opt is learn.opt:
         _load_opt_state(opt, ckpt)  # torch checks it all before it changes the optimizer

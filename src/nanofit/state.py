@@ -6,6 +6,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from .distributed import is_dtensor
 from .steps import state_owner
 from .torch_utils import get_rng_state, loader_generators, preserved_rng, set_rng_state
 
@@ -92,7 +95,7 @@ def preserve_state(learn: Learner) -> Iterator[None]:
             yield
         finally:
             for p, saved in params:
-                p.data = saved
+                _put_back(p, saved)
             for m, name, saved in buffers:
                 m._buffers[name] = saved
             for p, flag, grad in zip(model.parameters(), flags, grads):
@@ -109,6 +112,17 @@ def preserve_state(learn: Learner) -> Iterator[None]:
                 _stop_workers(dl)
             for owner, position in positions:
                 owner.load_state_dict(position)
+
+
+def _put_back(p: torch.nn.Parameter, saved: torch.Tensor) -> None:
+    """Give the parameter its saved value (and device and dtype). A sharded parameter
+    (FSDP's DTensor) is copied into in place: FSDP all-gathers from its storage."""
+    if is_dtensor(p) and (p.shape, p.dtype, p.device) == (
+            saved.shape, saved.dtype, saved.device):
+        with torch.no_grad():
+            p.copy_(saved)
+    else:
+        p.data = saved
 
 
 def _loaders(dls: Any) -> list[Any]:

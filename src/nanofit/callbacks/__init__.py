@@ -5,10 +5,12 @@ Names follow one convention, `<What>CB`; the names the course and fastai use (`R
 """
 # Importable from here as before the package had layers (their homes are below callbacks).
 from ..augment import Normalize  # noqa: E402  (kept apart: not a callback)
+from ..checkpoint import consolidate  # noqa: E402  (CheckpointCB's FSDP folders -> one file)
 from ..torch_utils import def_device, to_cpu, to_device  # noqa: E402
 from .checkpoint import CheckpointCB
 from .core import DeviceCB, SingleBatchCB, TrainCB
 from .distributed import DDPCB
+from .fsdp import FSDPCB
 from .grads import GradAccumCB, GradClipCB
 from .hooks import ActivationStats, HooksCallback
 from .logging import CSVLogger, TensorBoardCB
@@ -36,7 +38,8 @@ __all__ = ["DeviceCB", "SingleBatchCB", "TrainCB", "MetricsCB", "Recorder", "Rec
            "ProgressCB", "ParamScheduler", "ParamSchedulerCB", "BatchSchedCB", "EpochSchedCB",
            "LRFinderCB", "SuggestedLRs", "HooksCallback", "HooksCB", "ActivationStats",
            "ActivationStatsCB", "CheckpointCB", "EarlyStoppingCB", "SaveBestCB",
-           "ReduceLROnPlateauCB", "TerminateOnNaNCB", "BatchTransformCB", "DDPCB", "GradAccumCB",
+           "ReduceLROnPlateauCB", "TerminateOnNaNCB", "BatchTransformCB", "DDPCB", "FSDPCB",
+           "GradAccumCB",
            "GradClipCB", "CSVLogger", "CSVLoggerCB", "TensorBoardCB", "MixUp", "MixUpCB",
            "CutMix", "CutMixCB", "MixedPrecision", "MixedPrecisionCB", "ProfileCB", "CompileCB",
-           "Normalize", "def_device", "to_cpu", "to_device"]
+           "Normalize", "def_device", "to_cpu", "to_device", "consolidate"]

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..callback import Callback, Order
 from ..checkpoint import SUFFIX, gather_rng_states, save_checkpoint
-from ..distributed import is_rank0
+from ..distributed import barrier, is_rank0
+from ..sharded import SHARDED_SUFFIX, is_sharded, remove_checkpoint
 
 if TYPE_CHECKING:
     from ..learner import Learner
@@ -58,6 +59,14 @@ class _CtrlC:
 _CTRL_C = _CtrlC()
 
 
+def _mtime(f: Path) -> int | None:
+    """When `f` was last changed; None if it is gone meanwhile (rank 0 prunes)."""
+    try:
+        return f.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 class CheckpointCB(Callback):
     """Saves checkpoints into the folder `path` every `every_n_batches` training batches
     and/or after every epoch, keeping the newest `keep` files.
@@ -89,7 +98,9 @@ class CheckpointCB(Callback):
             self.path.mkdir(parents=True, exist_ok=True)
         self.interrupted = False
         # Files already there (an earlier run, or the run being resumed) count towards `keep`.
-        existing = sorted(self.path.glob(f"ckpt_*{SUFFIX}"), key=lambda f: f.stat().st_mtime_ns)
+        found = [*self.path.glob(f"ckpt_*{SUFFIX}"), *self.path.glob(f"ckpt_*{SHARDED_SUFFIX}")]
+        dated = [(_mtime(f), f) for f in found]
+        existing = [f for t, f in sorted((t, f) for t, f in dated if t is not None)]
         kept = [f for f in self.saved if f.exists()]
         self.saved = [f for f in existing if f not in self.saved] + kept
         _CTRL_C.join(self)
@@ -132,18 +143,24 @@ class CheckpointCB(Callback):
 
     def save(self, learn: Learner) -> Path:
         """Save a checkpoint now, named by its loop position; prune old ones. Under
-        torch.distributed only rank 0 writes."""
+        torch.distributed only rank 0 writes, except for a sharded model (FSDP): then every
+        rank writes its shards into one checkpoint folder."""
         epoch, done, train_done = learn.position.now(learn)
-        name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{SUFFIX}"
+        sharded = is_sharded(learn.model)
+        suffix = SHARDED_SUFFIX if sharded else SUFFIX
+        name = f"ckpt_{epoch:05d}_{done:07d}{'_t' if train_done else ''}{suffix}"
         # every rank's random states, gathered by all ranks at this same point (not for a
         # Ctrl-C save, which one rank may make alone: that one holds rank 0's states only)
         ranks = None if self.interrupted else gather_rng_states(learn)
-        if not is_rank0():
+        if not is_rank0() and not sharded:
             return self.path / name
         path = save_checkpoint(learn, self.path / name, ranks)
-        if path in self.saved:
-            self.saved.remove(path)
-        self.saved.append(path)
-        while self.keep is not None and len(self.saved) > self.keep:
-            self.saved.pop(0).unlink(missing_ok=True)
+        if is_rank0():
+            if path in self.saved:
+                self.saved.remove(path)
+            self.saved.append(path)
+            while self.keep is not None and len(self.saved) > self.keep:
+                remove_checkpoint(self.saved.pop(0))
+        if sharded:
+            barrier()  # the folder is pruned before any rank goes on (and may read it)
         return path

@@ -49,6 +49,8 @@ class GradAccumCB(Callback):
         self.skipped = 0
         self._stepped = False
         self._amp: ScalerSteps | None = None
+        self._fsdp: Any = None  # a sharded model (FSDP2): no gradient sync while accumulating
+        self._no_sync = False
 
     def before_fit(self, learn: Learner) -> None:
         self.count, self._stepped = 0, False
@@ -56,8 +58,14 @@ class GradAccumCB(Callback):
             learn.opt.zero_grad()  # nothing left over from an earlier fit
             if learn.grad_scaler is not None:
                 self._amp = ScalerSteps(learn.grad_scaler, learn.opt.opt)
+        # FSDPCB (before us) sharded it: between steps, keep the gradients unreduced and the
+        # parameters gathered, as fully_shard allows
+        model = learn.model
+        self._fsdp = model if hasattr(model, "set_requires_gradient_sync") else None
 
     def cleanup_fit(self, learn: Learner) -> None:
+        self._sync(True)
+        self._fsdp = None
         if self._amp is not None:
             self._amp.end()
             self._amp.remove()
@@ -66,12 +74,14 @@ class GradAccumCB(Callback):
     def backward(self, learn: Learner) -> None:
         n = n_items(learn.batch, learn.n_inp)
         loss = learn.loss * (n / self.n_acc)
+        last = learn.n_iter > 0 and learn.iter == learn.n_iter - 1  # the epoch's last batch
+        learn.accumulating = self.count + n < self.n_acc and not last
+        if self._fsdp is not None:
+            self._sync(not learn.accumulating)
         scaler = learn.grad_scaler  # set by MixedPrecision (fp16: scales the loss; bf16: 1)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         self.count += n
         self._stepped = False
-        last = learn.n_iter > 0 and learn.iter == learn.n_iter - 1  # the epoch's last batch
-        learn.accumulating = self.count < self.n_acc and not last
         if not learn.accumulating:
             self._finish_gradient(learn)
 
@@ -85,6 +95,14 @@ class GradAccumCB(Callback):
                         p.grad.mul_(self.n_acc / self.count)
         if self._amp is not None:
             self._amp.unscale()
+
+    def _sync(self, sync: bool) -> None:
+        """Tell FSDP whether this backward reduces the gradients (the group's last) or only
+        accumulates them unsharded, keeping the parameters gathered (only on a change)."""
+        if self._fsdp is not None and self._no_sync == sync:
+            self._fsdp.set_requires_gradient_sync(sync)
+            self._fsdp.set_reshard_after_backward(sync)
+            self._no_sync = not sync
 
     def step(self, learn: Learner) -> None:
         if not learn.accumulating:
