@@ -174,12 +174,14 @@ def test_bad_lm_flags_give_one_line(args, capsys):
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_says_so_in_one_line(short_run, capsys, monkeypatch):
+def test_resuming_a_finished_run_loads_it_and_trains_nothing(short_run, capsys, monkeypatch):
     from nanofit.cli import main
 
-    cwd, _ = short_run
+    cwd, original = short_run
     monkeypatch.chdir(cwd)
-    assert main([*SHORT, "--out", "run", "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "cannot --resume from 'run'" in err and "nothing left to do" in err
-    assert len(err.strip().splitlines()) == 1, err
+    assert main([*SHORT, "--out", "run", "--resume"]) == 0  # a restart after the end: fine
+    captured = capsys.readouterr()
+    assert "the run in 'run' is complete" in captured.err
+    assert not ROUND.findall(captured.out)  # no round ran again
+    assert FINAL.search(captured.out).group(1) == FINAL.search(original).group(1)
+    assert sample_of(captured.out) == sample_of(original)

@@ -355,3 +355,27 @@ def test_an_epoch_cut_short_does_not_hold_an_epoch_fits_schedule_back():
                     cbs=[Recorder("lr"), ShortEpoch()])
     learn.fit_one_cycle(4, lr_max=0.1, moms=None)
     assert learn.recorder.lrs[-1] < 0.02  # annealed, as in the last quarter of one-cycle
+
+
+def test_every_naming_a_missing_attribute_is_an_error_not_silence():
+    class Typo(Callback):
+        log_every = 10
+
+        @every("log_evrey")
+        def after_batch(self, learn):
+            pass
+
+    with pytest.raises(AttributeError, match="has no attribute 'log_evrey'"):
+        Learner(make_model(), make_dls(), F.cross_entropy, cbs=[Typo()])
+
+
+def test_lr_find_on_a_short_stream_says_the_sweep_ended_early():
+    stream = Learner(torch.nn.Linear(3, 2), _stream_dls(n_batches=10), F.cross_entropy)
+    with pytest.warns(UserWarning, match="ran out after 10 of num_it=60 batches"):
+        stream.lr_find(num_it=60, plot=False)
+
+
+def test_a_learning_rate_given_as_the_number_of_epochs_is_explained():
+    learn = Learner(make_model(), make_dls(), F.cross_entropy)
+    with pytest.raises(ValueError, match="n_epochs=0.0003 looks like a learning rate"):
+        learn.fit_one_cycle(3e-4, steps=100)

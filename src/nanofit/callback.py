@@ -68,7 +68,8 @@ def every(n: int | str, valid: bool = False) -> Callable[[Callable], Callable]:
     n-th batch of each validation phase (counted by `learn.iter`); otherwise never there.
 
     `n` is a number, or the name of an attribute of the callback holding it (read when the
-    learner builds its dispatch tables: `@every("log_every")`; None or 0 there: never).
+    learner builds its dispatch tables: `@every("log_every")`; an attribute set to None or 0
+    means never; a missing one is an error).
     It costs the other batches nothing: the learner leaves the method out of its per-batch
     dispatch table and swaps in a table with it on the batches where it is due.
 
@@ -256,7 +257,11 @@ def _every_of(cb: Any, method: Callable) -> tuple[int, bool] | None:
         return None
     n, valid = mark
     if isinstance(n, str):
-        value = getattr(cb, n, None)
+        if not hasattr(cb, n):
+            raise AttributeError(f"{type(cb).__name__}.{method.__name__} is marked every({n!r}), "
+                                 f"but {type(cb).__name__} has no attribute {n!r}: set "
+                                 f"self.{n} (an int >= 1; None or 0: never) or fix the name")
+        value = getattr(cb, n)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 0):
             raise ValueError(f"{type(cb).__name__}.{n} = {value!r}: every({n!r}) needs an int "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import is_distributed, rank, unwrap_model, world_size
+from .distributed import is_distributed, is_rank0, rank, unwrap_model, world_size
 from .files import atomic_save, load_file, plain_state
 from .loading import (
     cb_keys,
@@ -316,7 +316,9 @@ def read_for_resume(path: str | Path, learn: Learner,
 
     A folder that holds no checkpoint yet (or does not exist yet) gives None with a one-line
     notice: the fit starts from scratch, so one command serves the first start and every
-    restart (`torchrun --max-restarts`). A missing *file* is an error."""
+    restart (`torchrun --max-restarts`); a folder whose newest checkpoint ends the fit gives
+    it marked `complete` (the fit loads it and returns). A missing *file* is an error, and so
+    is a file that leaves nothing to train."""
     folder = Path(path)
     if (folder.is_dir() and not is_sharded_checkpoint(folder) and not _checkpoints_in(folder)) \
             or (not folder.exists() and folder.suffix not in (SUFFIX, SHARDED_SUFFIX)):
@@ -324,10 +326,29 @@ def read_for_resume(path: str | Path, learn: Learner,
               file=sys.stderr, flush=True)
         return None
     ckpt = read_checkpoint(path)
-    check_resumable(ckpt, learn, plan)
+    try:
+        check_resumable(ckpt, learn, plan)
+    except RunComplete:
+        if not folder.is_dir() or is_sharded_checkpoint(folder):
+            raise  # a checkpoint named by the user: asking for nothing more is a mistake
+        # A restart (torchrun, a job queue) of a run that had finished: nothing to redo
+        print(f"nanofit: the run in {str(folder)!r} is complete: loading its final state "
+              f"({Path(ckpt['path']).name}); nothing left to train", file=sys.stderr, flush=True)
+        check_loadable(learn, ckpt)
+        ckpt["complete"] = True
+        return ckpt
     check_loadable(learn, ckpt)
     _check_rng_states(ckpt, learn)
+    if is_rank0():
+        pos = ckpt["position"]
+        where = (f"step {pos['step']}" if ckpt.get("total_steps") is not None and "step" in pos
+                 else f"epoch {pos['epoch']}, {pos['batches_done']} training batches done")
+        print(f"nanofit: resuming from {ckpt['path']} ({where})", file=sys.stderr, flush=True)
     return ckpt
+
+
+class RunComplete(ValueError):
+    """The checkpoint is at the end of the fit asked for: nothing is left to train."""
 
 
 def check_resumable(ckpt: dict[str, Any], learn: Learner, plan: FitPlan | int) -> None:
@@ -354,7 +375,7 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, plan: FitPlan | int) -
         done = pos["epoch"] >= plan.n_epochs if same_plan else \
             pos.get("step", 0) >= (plan.total_steps or 0)
         if done:
-            raise ValueError(f"checkpoint {ckpt['path']!r} is at step {pos.get('step')}, so "
+            raise RunComplete(f"checkpoint {ckpt['path']!r} is at step {pos.get('step')}, so "
                              f"fit(steps={plan.total_steps}, resume=...) has nothing left to do; "
                              "ask for more steps")
         if not same_plan:
@@ -365,7 +386,7 @@ def check_resumable(ckpt: dict[str, Any], learn: Learner, plan: FitPlan | int) -
     else:
         n_epochs = plan.n_epochs
         if pos["epoch"] >= n_epochs:
-            raise ValueError(f"checkpoint {ckpt['path']!r} is at epoch {pos['epoch']}, so "
+            raise RunComplete(f"checkpoint {ckpt['path']!r} is at epoch {pos['epoch']}, so "
                              f"fit({n_epochs}, resume=...) has nothing left to do; ask for more "
                              "epochs")
         if ckpt.get("n_epochs") not in (None, n_epochs):

@@ -138,6 +138,10 @@ def note_loss_error(e: BaseException, learn: Learner) -> None:
                     "loss_func=None) to train on it")
         elif "labels" not in learn.batch:
             hint = f"; a dict batch's targets are batch['labels'], and it has {list(learn.batch)}"
+        else:
+            labels = learn.batch["labels"]
+            hint = f" and batch['labels'], {describe(labels)}" + \
+                loss_hint(learn.preds, (labels,), learn.loss_func)
         e.add_note(f"loss_func got {describe(learn.preds)} for a dict batch (epoch "
                    f"{learn.epoch}, batch {learn.iter}){hint}")
         return

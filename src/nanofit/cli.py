@@ -249,7 +249,8 @@ def _lm_demo(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Na
               file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"nanofit demo lm: {e or 'interrupted'}; continue with: nanofit demo lm --resume "
+        why = str(e) or "stopped at once (the newest checkpoint in --out is kept)"
+        print(f"nanofit demo lm: {why}; continue with: nanofit demo lm --resume "
               f"--out {args.out} (and the same --steps, --valid-every, --seed)", file=sys.stderr)
         return 130
     return 0

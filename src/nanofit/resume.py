@@ -153,6 +153,14 @@ class LoopPosition:
             restore_rng(ckpt["rng"], learn.dls)
         return pos["epoch"], pos["batches_done"], pos["train_done"]
 
+    def load_complete(self, learn: Learner, ckpt: dict[str, Any]) -> None:
+        """The final state of a finished run (a restart after it ended): weights, optimizer,
+        callbacks' states and step count; nothing is trained."""
+        ckpt = for_this_rank(ckpt)
+        load_checkpoint(learn, ckpt)
+        load_cb_states(learn, ckpt.get("callbacks", {}))
+        learn.step = ckpt["position"].get("step", learn.step)
+
     def _replanned(self, ckpt: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint's position in this fit's rounds: a step fit resumed with other
         steps or valid_every (warned about) goes on from the step it reached."""
@@ -238,7 +246,8 @@ class LoopPosition:
             # Ended before this round's first batch: the round did not happen (cancelled,
             # so no callback records an empty phase) and the fit ends; else it validates.
             self.dry_round = learn.step == first and n > 0
-            then = "now" if self.dry_round else "after this round's validation"
+            then = "now" if self.dry_round or not learn.run_valid else \
+                "after this round's validation"
             print(f"nanofit: dls.train ran dry after {learn.step} of {learn.total_steps} "
                   f"steps: ending the fit {then}", file=sys.stderr, flush=True)
             if self.dry_round:

@@ -44,6 +44,10 @@ def plan_fit(train_dl: Any, n_epochs: int | None, steps: int | None,
              valid_every: int | None) -> FitPlan:
     """The plan of `fit(n_epochs)` or `fit(steps=N, valid_every=K)`; a clear error for what
     cannot work. Neither given: one epoch."""
+    if isinstance(n_epochs, float) and n_epochs < 1:
+        raise ValueError(f"fit: n_epochs={n_epochs!r} looks like a learning rate: the first "
+                         "argument is the number of epochs; pass the rate as lr= (fit) or "
+                         "lr_max= (fit_one_cycle), and the length as n_epochs or steps=")
     if n_epochs is not None and steps is not None:
         raise ValueError(f"fit: give n_epochs ({n_epochs!r}) or steps ({steps!r}), not both: "
                          "fit(3) trains 3 passes over dls.train, fit(steps=1000) 1000 batches")

@@ -209,6 +209,7 @@ class LRFinderCB(Callback):
         # few batches, and one lucky first batch must not make the rest look divergent.
         planned = min(num_it, 1 + math.ceil(self._log_span / self._log_growth))
         self._head = _head(planned)
+        self.stopped_early = False  # the sweep diverged before num_it batches
         self.lrs: list[float] = []
         self.raw_losses: list[float] = []
         self.losses: list[float] = []  # smoothed
@@ -219,6 +220,7 @@ class LRFinderCB(Callback):
 
     def before_fit(self, learn: Learner) -> None:
         self.lrs, self.raw_losses, self.losses = [], [], []
+        self.stopped_early = False
         self._avg, self._lowest = 0.0, math.inf
 
     def before_epoch(self, learn: Learner) -> None:
@@ -241,6 +243,7 @@ class LRFinderCB(Callback):
         if math.isfinite(smooth) and i > self._head:
             self._lowest = min(self._lowest, smooth)
         if (self.stop_div and diverged) or i >= self.num_it:
+            self.stopped_early = i < self.num_it  # diverged before the planned end
             raise CancelFitException()
 
     def suggest(self, names: Sequence[str] = ("valley", "minimum", "steep")) -> Any:
@@ -309,6 +312,11 @@ def lr_find(learn: Learner, start_lr: float = 1e-7, end_lr: float | None = None,
     with preserve_state(learn), learn.removed_cbs(sitting_out):
         learn.fit(steps=num_it, valid=False, cbs=[finder])
     learn.lr_finder = finder
+    if len(finder.lrs) < num_it and not finder.stopped_early:  # the stream ran dry
+        reached = finder.lrs[-1] if finder.lrs else start_lr
+        warnings.warn(f"lr_find: dls.train ran out after {len(finder.lrs)} of num_it={num_it} "
+                      f"batches, so the sweep only reached lr {reached:.2g}: give a longer "
+                      "stream or a smaller num_it", stacklevel=2)
     suggestions = finder.suggest(suggest)
     if plot:
         # in a script, a plot saved where the user did not say is named on stderr

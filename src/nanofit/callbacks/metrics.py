@@ -174,6 +174,10 @@ class MetricsCB(Callback):
                 raise ValueError(f"MetricsCB needs the targets at batch[{key!r}], but the dict "
                                  f"batch has the keys {list(batch)}; name them with "
                                  "MetricsCB(..., target='<key>')") from None
+            if isinstance(key, str):
+                raise ValueError(f"MetricsCB(target={key!r}) names a key of a dict batch, but "
+                                 f"the batch is a {type(batch).__name__}; leave target out "
+                                 "(targets are batch[n_inp]) or give an index") from None
             raise ValueError(f"MetricsCB needs the targets at batch[{key}] (after the "
                              f"n_inp={learn.n_inp} inputs), but the batch is "
                              f"{type(batch).__name__} of length "
