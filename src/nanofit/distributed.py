@@ -126,12 +126,16 @@ def process_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shard_loaders(dls: Any, rank: int, world: int, seed: int = 0, who: str = "DDPCB") -> Any:
+def shard_loaders(dls: Any, rank: int, world: int, seed: int = 0, who: str = "DDPCB",
+                  shard_valid: bool = True) -> Any:
     """This rank's share of `dls`: DistributedSampler (training, padded) or ShardSampler
     (validation, not padded) for torch DataLoaders over map-style datasets, index sharding
-    for TensorLoader."""
+    for TensorLoader. `shard_valid=False` gives every rank all the validation data (FSDP:
+    each forward is a collective, so every rank must run as many batches; the means over
+    ranks are those of the data, counted once per rank)."""
+    valid = getattr(dls, "valid", None)
     return DataLoaders(_shard(dls.train, rank, world, seed, True, who),
-                       _shard(getattr(dls, "valid", None), rank, world, seed, False, who))
+                       _shard(valid, rank, world, seed, False, who) if shard_valid else valid)
 
 
 def _shard(dl: Any, rank: int, world: int, seed: int, train: bool, who: str) -> Any:

@@ -10,7 +10,7 @@ import torch
 
 from .distributed import unwrap_model
 from .optim import make_optimizer
-from .sharded import load_shards
+from .sharded import distribute_full, is_sharded, load_shards
 
 if TYPE_CHECKING:
     from .learner import Learner
@@ -82,6 +82,8 @@ def load_checkpoint(learn: Learner, ckpt: dict[str, Any], with_opt: bool = True)
     if ckpt.get("sharded"):  # a DCP folder: checked, then its tensors read in this layout
         _checked_opt(learn, ckpt, with_opt)
         ckpt = load_shards(learn.model, ckpt, with_opt)
+    elif is_sharded(learn.model):  # a file into a sharded model: each rank takes its shards
+        ckpt = distribute_full(learn.model, learn.opt, ckpt)
     opt = _checked_opt(learn, ckpt, with_opt)
     if opt is not None and opt is learn.opt:
         _load_opt_state(opt, ckpt)  # torch checks it all before it changes the optimizer

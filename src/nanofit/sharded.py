@@ -23,6 +23,7 @@ import os
 import pickle
 import secrets
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from .distributed import is_dtensor, is_rank0, unwrap_model
 from .files import atomic_save, load_file, plain_state
 
 __all__ = ["is_sharded", "is_sharded_checkpoint", "save_sharded", "read_sharded",
+           "distribute_full",
            "load_shards", "load_full", "remove_checkpoint", "META", "SHARDED_SUFFIX"]
 
 META = "nanofit.pt"  # the checkpoint's non-tensor part, written by rank 0
@@ -41,14 +43,30 @@ SHARDED_SUFFIX = ".dcp"  # CheckpointCB's name for checkpoint folders
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether the model's parameters are sharded DTensors (FSDP2's `fully_shard`)."""
-    return any(is_dtensor(p) for p in unwrap_model(model).parameters())
+    """Whether the model is sharded by FSDP2's `fully_shard`: told by the module, not by its
+    parameters, which FSDP holds unsharded between a forward and a backward (or all along,
+    with reshard_after_forward=False); else by DTensor parameters."""
+    model = unwrap_model(model)
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing is sharded
+    if fsdp is not None and isinstance(model, getattr(fsdp, "FSDPModule", ())):
+        return True
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     """Whether `path` is a complete sharded checkpoint folder (DCP's metadata and ours)."""
     path = Path(path)
     return path.is_dir() and (path / META).is_file() and (path / ".metadata").is_file()
+
+
+def _gather_problems(failed: BaseException | None) -> list[str]:
+    """Every rank's failure seen by all (a collective, so it also waits for every rank)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [] if failed is None else [str(failed)]
+    mine = None if failed is None else f"rank {dist.get_rank()}: {type(failed).__name__}: {failed}"
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [p for p in everyone if p is not None]
 
 
 def _barrier() -> None:
@@ -125,14 +143,24 @@ def save_sharded(ckpt: dict[str, Any], model: torch.nn.Module, opt: Any,
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir()
     _barrier()
+    failed: BaseException | None = None
     try:
         import torch.distributed.checkpoint as dcp
 
         dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
         if is_rank0():
             atomic_save(meta, tmp / META)
-    finally:
-        _barrier()  # every rank wrote its shards (or failed: then no rank renames)
+    except Exception as e:
+        failed = e
+    # every rank wrote its part, or one failed: then every rank raises and none renames
+    problems = _gather_problems(failed)
+    if problems and is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder stays behind
+    if failed is not None:
+        raise failed
+    if problems:
+        raise RuntimeError(f"saving the sharded checkpoint {str(path)!r} failed on another "
+                           f"rank: {problems[0]}")
     if is_rank0():
         if path.exists():  # the same position saved again
             remove_checkpoint(path)
@@ -300,6 +328,29 @@ def load_shards(model: torch.nn.Module, ckpt: dict[str, Any], with_opt: bool) ->
     if hasattr(mine, "_metadata"):  # the modules' state-dict versions, as a file has them
         out["model"] = type(mine)(out["model"])
         out["model"]._metadata = mine._metadata
+    return out
+
+
+def distribute_full(model: torch.nn.Module, opt: Any, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A single-file checkpoint (whole tensors, read by every rank) made to fit a sharded
+    model: each weight, and each optimizer state tensor shaped like its parameter, becomes
+    this rank's shard of it, placed as the model's are. Nothing changes in the learner."""
+    from torch.distributed.tensor import distribute_tensor
+
+    def like(full: Any, target: Any) -> Any:
+        if is_dtensor(target) and isinstance(full, torch.Tensor) and full.shape == target.shape:
+            return distribute_tensor(full.to(target.device), target.device_mesh,
+                                     target.placements, src_data_rank=None)
+        return full
+
+    own = unwrap_model(model).state_dict()
+    out = {**ckpt, "model": {k: like(v, own.get(k)) for k, v in ckpt["model"].items()}}
+    if ckpt.get("opt") is not None:
+        params = ([p for g in opt.param_groups for p in g["params"]] if opt is not None
+                  else list(unwrap_model(model).parameters()))
+        state = {i: {k: like(v, params[int(i)]) if int(i) < len(params) else v
+                     for k, v in st.items()} for i, st in ckpt["opt"]["state"].items()}
+        out["opt"] = {**ckpt["opt"], "state": state}
     return out
 
 

@@ -111,9 +111,9 @@ class CheckpointCB(Callback):
     # ---- when to save -----------------------------------------------------------------------
     def after_batch(self, learn: Learner) -> None:
         if self.interrupted:
-            self.save(learn)
+            path = self.save(learn)  # (only rank 0 lists what it saved: use the path)
             if _CTRL_C.saved_by_all(self):
-                raise KeyboardInterrupt(f"interrupted; checkpoint saved to {self.saved[-1]}")
+                raise KeyboardInterrupt(f"interrupted; checkpoint saved to {path}")
             return
         n = self.every_n_batches  # counted over the fit's training batches (learn.step)
         if n and learn.training and (learn.step + 1) % n == 0:

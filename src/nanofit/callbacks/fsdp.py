@@ -108,7 +108,10 @@ class FSDPCB(Callback):
         if not hasattr(learn.model, "unshard"):  # FSDPModule: a later fit finds it sharded
             self._shard(learn)
         self.dls = learn.dls
-        learn.dls = shard_loaders(learn.dls, rank(), world_size(), self.seed, "FSDPCB")
+        # validation unsharded: a rank with fewer batches would leave the others waiting in
+        # the all-gathers of their forwards (unpadded shards differ in length)
+        learn.dls = shard_loaders(learn.dls, rank(), world_size(), self.seed, "FSDPCB",
+                                  shard_valid=False)
 
     def _shard(self, learn: Learner) -> None:
         # imported here: torch.distributed.fsdp takes most of a second to import
