@@ -379,3 +379,14 @@ def test_a_learning_rate_given_as_the_number_of_epochs_is_explained():
     learn = Learner(make_model(), make_dls(), F.cross_entropy)
     with pytest.raises(ValueError, match="n_epochs=0.0003 looks like a learning rate"):
         learn.fit_one_cycle(3e-4, steps=100)
+
+
+def test_early_stopping_in_a_step_fit_speaks_of_rounds_and_steps(capsys):
+    from nanofit import EarlyStoppingCB
+
+    learn = Learner(make_model(), make_dls(n_train=40, bs=8), F.cross_entropy, lr=0.0,
+                    cbs=[MetricsCB(), EarlyStoppingCB(patience=1)])
+    learn.fit(steps=20, valid_every=4)  # lr 0: no improvement after the first round
+    out = capsys.readouterr().out
+    assert "in 1 rounds; stopping after step 8" in out
+    assert learn.step == 8

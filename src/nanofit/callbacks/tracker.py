@@ -99,8 +99,10 @@ class EarlyStoppingCB(_Tracker):
         if self.wait >= self.patience:
             self.stopped_epoch = learn.epoch
             if is_rank0():
+                unit, at = ("rounds", f"step {learn.step}") if learn.by_steps else \
+                    ("epochs", f"epoch {learn.epoch}")
                 print(f"EarlyStoppingCB: no improvement of {self.monitor!r} in {self.wait} "
-                      f"epochs; stopping after epoch {learn.epoch} (best {self.best:.4g})")
+                      f"{unit}; stopping after {at} (best {self.best:.4g})")
             raise CancelFitException()
 
     def state_dict(self) -> dict[str, Any]:
