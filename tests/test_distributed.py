@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,32 @@ def test_a_resumed_two_process_run_with_per_rank_randomness_is_bit_exact(tmp_pat
         torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
     history = (whole / "history.json").read_text()
     assert history == (cut / "history.json").read_text()
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_the_job_at_once_instead_of_waiting_for_the_timeout(tmp_path):
+    script = tmp_path / "boom.py"
+    root = str(Path(__file__).parent.parent)
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {root!r})
+import torch.nn.functional as F
+from tests.test_distributed import make_learner
+from nanofit import DDPCB
+
+class Boom:
+    order = 0
+    def after_batch(self, learn):
+        if learn.training and learn.step == 2 and os.environ["RANK"] == "1":
+            raise ValueError("rank 1 data error")
+
+make_learner(4, "tensor", cbs=[DDPCB(timeout_s=120), Boom()]).fit(2)
+""")
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script)], capture_output=True, text=True, timeout=100)
+    assert result.returncode != 0 and "rank 1 data error" in result.stderr
+    # rank 0 waited in a collective: rank 1 closed its process group on the way out (no
+    # barrier at exit after an error), so rank 0 failed too, long before the 120 s timeout
+    assert time.monotonic() - start < 60

@@ -411,3 +411,12 @@ def test_ddp_and_fsdp_runs_survive_a_killed_process_with_torchrun_restarts(tmp_p
         assert all(torch.equal(survived["weights"][k], whole[k]) for k in whole), kind
         assert any(p.suffix == (".pt" if kind == "ddp" else ".dcp")
                    for p in (tmp_path / f"{kind}_ckpts").iterdir())
+
+
+def test_what_cannot_work_with_fsdpcb_is_refused_clearly(group_of_one):
+    from nanofit import DDPCB, SaveBestCB
+
+    with pytest.raises(ValueError, match="FSDPCB and DDPCB are both in cbs"):
+        make_learner(8, cbs=[FSDPCB(), DDPCB()]).fit(1)
+    with pytest.raises(ValueError, match="SaveBestCB writes the whole model from rank 0"):
+        make_learner(8, cbs=[FSDPCB(), SaveBestCB()]).fit(1)

@@ -103,7 +103,7 @@ def test_resuming_with_another_kind_of_fit_is_refused(tmp_path):
         again.fit(steps=4, resume=str(learn_ckpt := sorted(tmp_path.glob("*.pt"))[-1]))
     complete = _learner(_torch_dls)
     complete.fit(steps=4, resume=str(tmp_path))  # a restart of a finished run: loads, returns
-    assert complete.step == 4 and complete.cbs[0].history == learn.metrics.history
+    assert complete.step == 4 and complete.metrics.history == learn.metrics.history
     assert all(torch.equal(a, b) for a, b in zip(complete.model.state_dict().values(),
                                                  learn.model.state_dict().values()))
     assert learn_ckpt.exists()

@@ -317,13 +317,14 @@ def read_for_resume(path: str | Path, learn: Learner,
     A folder that holds no checkpoint yet (or does not exist yet) gives None with a one-line
     notice: the fit starts from scratch, so one command serves the first start and every
     restart (`torchrun --max-restarts`); a folder whose newest checkpoint ends the fit gives
-    it marked `complete` (the fit loads it and returns). A missing *file* is an error, and so
+    it too (the fit loads it and has nothing left to run). A missing *file* is an error, and so
     is a file that leaves nothing to train."""
     folder = Path(path)
     if (folder.is_dir() and not is_sharded_checkpoint(folder) and not _checkpoints_in(folder)) \
             or (not folder.exists() and folder.suffix not in (SUFFIX, SHARDED_SUFFIX)):
-        print(f"nanofit: no checkpoint in {str(folder)!r} yet: starting from scratch",
-              file=sys.stderr, flush=True)
+        if is_rank0():
+            print(f"nanofit: no checkpoint in {str(folder)!r} yet: starting from scratch",
+                  file=sys.stderr, flush=True)
         return None
     ckpt = read_checkpoint(path)
     try:
@@ -331,11 +332,15 @@ def read_for_resume(path: str | Path, learn: Learner,
     except RunComplete:
         if not folder.is_dir() or is_sharded_checkpoint(folder):
             raise  # a checkpoint named by the user: asking for nothing more is a mistake
-        # A restart (torchrun, a job queue) of a run that had finished: nothing to redo
-        print(f"nanofit: the run in {str(folder)!r} is complete: loading its final state "
-              f"({Path(ckpt['path']).name}); nothing left to train", file=sys.stderr, flush=True)
+        # A restart (torchrun, a job queue) of a run that had finished: the fit loads its
+        # final state (callbacks' too, under the process group its callbacks join) and its
+        # loop has nothing left to run
+        if is_rank0():
+            print(f"nanofit: the run in {str(folder)!r} is complete: loading its final state "
+                  f"({Path(ckpt['path']).name}); nothing left to train", file=sys.stderr,
+                  flush=True)
         check_loadable(learn, ckpt)
-        ckpt["complete"] = True
+        _check_rng_states(ckpt, learn)
         return ckpt
     check_loadable(learn, ckpt)
     _check_rng_states(ckpt, learn)

@@ -75,12 +75,26 @@ def barrier() -> None:
         dist.barrier()
 
 
+_FAILED = False  # an exception escaped: this rank is going down while the others may not be
+
+
+def _note_failure(hook: Callable) -> Callable:
+    def excepthook(*args: Any) -> None:
+        global _FAILED
+        _FAILED = True
+        hook(*args)
+    return excepthook
+
+
 def _leave() -> None:
     """Wait for the other ranks, then close the process group (an open gloo group can abort
-    the interpreter at exit)."""
+    the interpreter at exit). After an uncaught exception, close it without waiting: the
+    other ranks may be inside a collective that never ends, and closing ends it for them
+    (torchrun then restarts or stops the group at once)."""
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if not _FAILED:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 
@@ -100,6 +114,7 @@ def join_process_group(backend: str | None = None, timeout_s: float = 600.0) -> 
             dist.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         atexit.register(_leave)  # we made the group: close it cleanly when Python exits
+        sys.excepthook = _note_failure(sys.excepthook)
 
 
 def _attempt_store(timeout: timedelta) -> Any:
@@ -153,6 +168,11 @@ def _shard(dl: Any, rank: int, world: int, seed: int, train: bool, who: str) -> 
         else:
             sampler = ShardSampler(len(dl.dataset), rank, world)  # type: ignore[arg-type]
         return rebuild_loader(dl, sampler=sampler)
+    if isinstance(getattr(dl, "dataset", None), torch.utils.data.IterableDataset):
+        raise TypeError(f"{who} cannot shard a {type(dl).__name__} over an IterableDataset "
+                        f"({type(dl.dataset).__name__}): it has no indices to split. Give each "
+                        "rank its own part of the stream in the dataset (torch.distributed's "
+                        "rank and world size), or use a map-style dataset or a TensorLoader")
     raise TypeError(f"{who} cannot shard a {type(dl).__name__}: use a TensorLoader or a "
                     f"torch DataLoader over a map-style dataset (or shard it yourself and "
                     f"leave {who} out of the loaders by giving each rank its own data)")

@@ -168,9 +168,6 @@ class Learner:
         plan = plan_fit(getattr(self.dls, "train", None), n_epochs, steps, valid_every)
         check_fit_args(self, plan.n_epochs, train, valid, lr, extra)
         ckpt = None if resume is None else checkpoint.read_for_resume(resume, self, plan)
-        if ckpt is not None and ckpt.get("complete"):  # a restart of a finished run
-            self.position.load_complete(self, ckpt)
-            return
         self.cbs.extend(extra)
         try:
             if lr is not None:

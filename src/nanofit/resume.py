@@ -153,14 +153,6 @@ class LoopPosition:
             restore_rng(ckpt["rng"], learn.dls)
         return pos["epoch"], pos["batches_done"], pos["train_done"]
 
-    def load_complete(self, learn: Learner, ckpt: dict[str, Any]) -> None:
-        """The final state of a finished run (a restart after it ended): weights, optimizer,
-        callbacks' states and step count; nothing is trained."""
-        ckpt = for_this_rank(ckpt)
-        load_checkpoint(learn, ckpt)
-        load_cb_states(learn, ckpt.get("callbacks", {}))
-        learn.step = ckpt["position"].get("step", learn.step)
-
     def _replanned(self, ckpt: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint's position in this fit's rounds: a step fit resumed with other
         steps or valid_every (warned about) goes on from the step it reached."""

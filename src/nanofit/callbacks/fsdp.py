@@ -18,6 +18,7 @@ from ..distributed import (
     shard_loaders,
     world_size,
 )
+from .distributed import DDPCB
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -101,6 +102,9 @@ class FSDPCB(Callback):
         return [m for m in model.modules() if m is not model and wrap(m)]
 
     def before_fit(self, learn: Learner) -> None:
+        if any(isinstance(cb, DDPCB) for cb in learn.cbs):
+            raise ValueError("FSDPCB and DDPCB are both in cbs: use one of them (FSDPCB shards "
+                             "the model, DDPCB keeps a whole copy on every process)")
         join_process_group(self.backend, self.timeout_s)
         self.active = dist.is_available() and dist.is_initialized()
         if not self.active:

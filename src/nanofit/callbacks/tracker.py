@@ -16,6 +16,7 @@ from ..callback import Callback, CancelFitException, Order
 from ..checkpoint import FORMAT, VERSION
 from ..distributed import is_distributed, is_rank0, unwrap_model
 from ..files import atomic_save
+from ..sharded import is_sharded
 from .metrics import RECORD_KEYS
 from .schedule import EpochSchedCB
 
@@ -123,6 +124,13 @@ class SaveBestCB(_Tracker):
         self.path = Path(path)
         self.reload_at_end = reload_at_end
         self.best_epoch: int | None = None
+
+    def before_fit(self, learn: Learner) -> None:
+        super().before_fit(learn)
+        if is_sharded(learn.model):  # sharded by FSDPCB (which runs first)
+            raise ValueError("SaveBestCB writes the whole model from rank 0, but FSDPCB shards "
+                             "it: use CheckpointCB(path, keep=...) for sharded checkpoints and "
+                             "nanofit.consolidate(...) for one file")
 
     def after_epoch(self, learn: Learner) -> None:
         if self.improved(learn):
