@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["plain_state", "atomic_save", "load_file"]
+__all__ = ["plain_state", "atomic_save", "load_file", "fsync_folder"]
 
 
 # ---- plain values: all that torch.load(weights_only=True) reads back --------------------------
@@ -108,7 +108,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         if isinstance(e, OSError):
             raise _write_error(path, e) from e
         raise
-    _fsync_folder(path.parent)  # make the rename itself durable
+    fsync_folder(path.parent)  # make the rename itself durable
     return path
 
 
@@ -135,7 +135,8 @@ def _write_error(path: Path, e: OSError) -> OSError:
     return OSError(e.errno, message) if e.errno is not None else OSError(message)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (where the file system allows)."""
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, inference, optim, state
+from . import checkpoint, inference, optim, resumable, state
 from . import export as exporting
 from .callback import (
     CANCELS,
@@ -31,7 +31,8 @@ from .callback import (
 from .callbacks import lr_find as finder
 from .callbacks import schedule as scheduling
 from .callbacks.lr_find import LRFinderCB
-from .callbacks.metrics import MetricsCB, Recorder
+from .callbacks.metrics import MetricsCB
+from .callbacks.recorder import Recorder
 from .checks import (
     ESCAPED_CANCEL,
     check_fit_args,
@@ -167,7 +168,7 @@ class Learner:
         extra = as_cbs(cbs)
         plan = plan_fit(getattr(self.dls, "train", None), n_epochs, steps, valid_every)
         check_fit_args(self, plan.n_epochs, train, valid, lr, extra)
-        ckpt = None if resume is None else checkpoint.read_for_resume(resume, self, plan)
+        ckpt = None if resume is None else resumable.read_for_resume(resume, self, plan)
         self.cbs.extend(extra)
         try:
             if lr is not None:

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .distributed import is_dtensor, is_rank0, unwrap_model
-from .files import atomic_save, load_file, plain_state
+from .distributed import barrier, is_dtensor, is_rank0, unwrap_model
+from .files import atomic_save, fsync_folder, load_file, plain_state
 
 __all__ = ["is_sharded", "is_sharded_checkpoint", "save_sharded", "read_sharded",
            "distribute_full",
@@ -67,22 +67,6 @@ def _gather_problems(failed: BaseException | None) -> list[str]:
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return [p for p in everyone if p is not None]
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # not every file system lets a folder be fsynced
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -142,7 +126,7 @@ def save_sharded(ckpt: dict[str, Any], model: torch.nn.Module, opt: Any,
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir()
-    _barrier()
+    barrier()
     failed: BaseException | None = None
     try:
         import torch.distributed.checkpoint as dcp
@@ -165,8 +149,8 @@ def save_sharded(ckpt: dict[str, Any], model: torch.nn.Module, opt: Any,
         if path.exists():  # the same position saved again
             remove_checkpoint(path)
         os.replace(tmp, path)
-        _fsync_folder(path.parent)
-    _barrier()  # the folder exists for every rank before any goes on
+        fsync_folder(path.parent)
+    barrier()  # the folder exists for every rank before any goes on
     return path
 
 

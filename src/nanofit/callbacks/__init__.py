@@ -15,11 +15,12 @@ from .grads import GradAccumCB, GradClipCB
 from .hooks import ActivationStats, HooksCallback
 from .logging import CSVLogger, TensorBoardCB
 from .lr_find import LRFinderCB, SuggestedLRs
-from .metrics import MetricsCB, Recorder
+from .metrics import MetricsCB
 from .mixup import CutMix, MixUp
 from .precision import MixedPrecision
 from .profile import CompileCB, ProfileCB
 from .progress import ProgressCB
+from .recorder import Recorder
 from .schedule import BatchSchedCB, EpochSchedCB, ParamScheduler
 from .tracker import EarlyStoppingCB, ReduceLROnPlateauCB, SaveBestCB, TerminateOnNaNCB
 from .transforms import BatchTransformCB
