@@ -228,16 +228,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _made_out(out: Path, who: str) -> bool:
+    """Create the --out folder, or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError as e:
+        print(f"{who}: error: cannot create --out folder {str(out)!r}: {e.strerror}",
+              file=sys.stderr)
+        return False
+
+
 def _lm_demo(parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace) -> int:
     """`nanofit demo lm`: its flags come after `lm`; the digits demo's flags do not apply."""
     if argv[argv.index("demo") + 1] != "lm":
         parser.error("`nanofit demo lm` takes its flags after `lm` (the digits demo's flags "
                      f"do not apply to it): nanofit demo lm --steps {STEPS}")
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        print(f"nanofit demo lm: error: cannot create --out folder {str(args.out)!r}: "
-              f"{e.strerror}", file=sys.stderr)
+    if not _made_out(args.out, "nanofit demo lm"):
         return 2
     try:
         run_lm_demo(args.steps, args.valid_every, args.seed, args.out, args.resume)
@@ -267,11 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not torchrun_env():
             return _launch(args.nproc, argv)
     if args.command == "demo":
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"nanofit demo: error: cannot create --out folder {str(args.out)!r}: "
-                  f"{e.strerror}", file=sys.stderr)
+        if not _made_out(args.out, "nanofit demo"):
             return 2
         if args.data is not None and not args.data.is_dir():
             print(f"nanofit demo: error: --data {str(args.data)!r} is not a folder",
